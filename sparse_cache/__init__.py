@@ -1,0 +1,28 @@
+"""sparse_cache: training-free visual token pruning for Hugging Face vision-language models.
+
+    from sparse_cache import PrunableDynamicCache
+    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
+"""
+
+import logging
+
+from ._compat import MAX_TRANSFORMERS_EXCLUSIVE, MIN_TRANSFORMERS, SUPPORTED_MODEL_CLASSES
+from .cache import PrunableDynamicCache
+from .hooks import uninstall
+from .scorers import SCORERS, Scorer, ScoringContext
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "PrunableDynamicCache",
+    "Scorer",
+    "ScoringContext",
+    "SCORERS",
+    "SUPPORTED_MODEL_CLASSES",
+    "MIN_TRANSFORMERS",
+    "MAX_TRANSFORMERS_EXCLUSIVE",
+    "uninstall",
+]

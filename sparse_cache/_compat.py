@@ -1,0 +1,165 @@
+"""Everything that depends on the transformers version or on a model family's internals lives here.
+
+The rest of the package talks to a model through :class:`ModelAdapter` only, so supporting a new
+transformers release or a new VLM family means touching this file (and its tests), nothing else.
+
+Supported: transformers ``>=5.14.1,<6`` (5.14 is the first release whose ``Cache`` separates the
+query offset used for masks, ``get_query_offset``, from ``get_seq_length``; a pruned cache needs
+both: logical length for positions and ``generate``'s slicing, physical length for masks).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import transformers
+from packaging import version
+
+logger = logging.getLogger(__name__)
+
+MIN_TRANSFORMERS = "5.14.1"
+MAX_TRANSFORMERS_EXCLUSIVE = "6"
+
+#: Model classes a :class:`~sparse_cache.PrunableDynamicCache` can be built for.
+SUPPORTED_MODEL_CLASSES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
+#: Attention implementations whose masks and positions are tested with the pruned cache.
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def check_transformers_version() -> None:
+    """Raise ``RuntimeError`` if the installed transformers is outside the supported range."""
+    installed = version.parse(transformers.__version__)
+    if not (version.parse(MIN_TRANSFORMERS) <= installed < version.parse(MAX_TRANSFORMERS_EXCLUSIVE)):
+        raise RuntimeError(
+            f"sparse_cache supports transformers >={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS_EXCLUSIVE}; "
+            f"found {transformers.__version__}. Install a supported version, e.g. "
+            f"`pip install 'transformers>={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS_EXCLUSIVE}'`."
+        )
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE helper, identical to the modeling code's: (x1, x2) -> (-x2, x1) on the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(attn_module: torch.nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, S, head_dim)`` RoPE tables from the ``position_embeddings`` an attention module received.
+
+    transformers >= 5.15 hands Qwen2.5-VL attention the M-RoPE tables already recomposed per head
+    dimension ``(B, S, d)``; 5.14 hands the three ``(3, B, S, d)`` tables and recomposes them inside the
+    attention (``apply_multimodal_rotary_pos_emb``): do the same recomposition here.
+    """
+    if cos.ndim == 3:
+        return cos, sin
+    sections = list(attn_module.config.rope_parameters["mrope_section"]) * 2
+
+    def recompose(table: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m[i % 3] for i, m in enumerate(table.split(sections, dim=-1))], dim=-1)
+
+    return recompose(cos), recompose(sin)
+
+
+@dataclass
+class ModelAdapter:
+    """The handful of modules and ids a pruning cache needs from a supported VLM.
+
+    Attributes:
+        top: the module the user calls ``generate`` on (or the bare ``Qwen2_5_VLModel``).
+        vlm: the ``Qwen2_5_VLModel`` that receives ``input_ids`` and grids and builds the decoder inputs.
+        text_model: the decoder stack (receives ``inputs_embeds``, masks and positions).
+        layers: the decoder layers, in order.
+        visual_token_ids: ids whose positions in ``input_ids`` are visual tokens (image, video).
+        spatial_merge_size: side of the patch block merged into one visual token (2 for Qwen2.5-VL).
+    """
+
+    top: torch.nn.Module
+    vlm: torch.nn.Module
+    text_model: torch.nn.Module
+    layers: torch.nn.ModuleList
+    image_token_id: int
+    video_token_id: int | None
+    spatial_merge_size: int
+    num_layers: int
+    attn_implementation: str
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        ids = [self.image_token_id]
+        if self.video_token_id is not None:
+            ids.append(self.video_token_id)
+        return tuple(ids)
+
+    def attention(self, layer_idx: int) -> torch.nn.Module:
+        return self.layers[layer_idx].self_attn
+
+
+def adapt(model: torch.nn.Module) -> ModelAdapter:
+    """Return the :class:`ModelAdapter` of ``model``, or raise ``TypeError`` naming what is supported."""
+    check_transformers_version()
+    name = type(model).__name__
+    if name == "Qwen2_5_VLForConditionalGeneration":
+        vlm = model.model
+    elif name == "Qwen2_5_VLModel":
+        vlm = model
+    else:
+        raise TypeError(
+            f"model: {name} is not supported yet; supported models are {', '.join(SUPPORTED_MODEL_CLASSES)} "
+            "(Qwen2.5-VL, e.g. Qwen/Qwen2.5-VL-3B-Instruct or -7B-Instruct)."
+        )
+    config = vlm.config
+    text_config = config.get_text_config(decoder=True)
+    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+    if getattr(text_config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
+        raise ValueError(
+            "model: sliding-window attention layers are not supported by PrunableDynamicCache (they assume "
+            f"contiguous storage); got layer_types={sorted(set(layer_types))} and "
+            f"use_sliding_window={getattr(text_config, 'use_sliding_window', False)}. "
+            "Load the model with use_sliding_window=False (the Qwen2.5-VL default)."
+        )
+    attn_implementation = getattr(text_config, "_attn_implementation", None) or "eager"
+    if attn_implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"model: attn_implementation={attn_implementation!r} is not supported by PrunableDynamicCache; "
+            f"load the model with attn_implementation in {SUPPORTED_ATTENTION}. "
+            "(Flash-attention reads 2-D masks from the right and has not been validated on a pruned cache.)"
+        )
+    text_model = vlm.language_model
+    video_token_id = getattr(config, "video_token_id", None)
+    return ModelAdapter(
+        top=model,
+        vlm=vlm,
+        text_model=text_model,
+        layers=text_model.layers,
+        image_token_id=int(config.image_token_id),
+        video_token_id=int(video_token_id) if video_token_id is not None else None,
+        spatial_merge_size=int(config.vision_config.spatial_merge_size),
+        num_layers=len(text_model.layers),
+        attn_implementation=attn_implementation,
+    )
+
+
+# Keyword names of the forwards we hook, in positional order, so that a positional call is read too.
+VLM_FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
+TEXT_FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
+
+
+def get_arg(args: tuple, kwargs: dict, names: tuple[str, ...], name: str):
+    """Read argument ``name`` of a hooked forward whether it was passed by keyword or position."""
+    if name in kwargs:
+        return kwargs[name]
+    idx = names.index(name)
+    return args[idx] if idx < len(args) else None
+
+
+def set_arg(args: tuple, kwargs: dict, names: tuple[str, ...], name: str, value) -> tuple[tuple, dict]:
+    """Replace argument ``name`` of a hooked forward, keeping the caller's positional/keyword choice."""
+    idx = names.index(name)
+    if name not in kwargs and idx < len(args):
+        args = args[:idx] + (value,) + args[idx + 1 :]
+    else:
+        kwargs = dict(kwargs)
+        kwargs[name] = value
+    return args, kwargs

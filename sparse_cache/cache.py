@@ -1,0 +1,474 @@
+"""``PrunableDynamicCache``: a ``DynamicCache`` that drops the visual tokens the question does not need.
+
+Flow of one ``generate`` call (capture -> score -> select -> compact -> decode):
+
+1. capture: the ``Qwen2_5_VLModel`` pre-hook reads ``input_ids`` and the image/video grids of any
+   forward that holds visual tokens (the prefill, or a later turn that brings a new image);
+2. score: at the scoring layer, the attention post-hook hands the layer's inputs and fresh keys to the
+   scorer (SparseVLM by default), which computes only the few query rows it needs;
+3. select: per image (or video) of each row, the top-scored visual tokens are kept
+   (``keep_ratio`` or ``keep_tokens``); text tokens are never dropped;
+4. compact: right after that forward, every layer's keys and values keep only the kept tokens (and
+   lose the row's padding), rows are left-padded to a common length, and the cache records the
+   physical layout;
+5. decode: ``get_seq_length()`` reports the logical length (tokens seen), so ``generate``'s slicing and
+   the model's positions continue from the full sequence; the masks use the physical length
+   (``get_query_offset``/``get_mask_sizes``), and the text-model pre-hook hands the model a 2-D mask of
+   the physical layout. Decoding is then exact with respect to the kept tokens (oracle 2).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from . import hooks
+from ._compat import TEXT_FORWARD_ARGS, VLM_FORWARD_ARGS, adapt, get_arg, rope_tables, set_arg
+from .scorers import Scorer, ScoringContext, get_scorer
+from .select import select_visual, validate_budget
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pass:
+    """What one forward holding visual tokens captured, until it is compacted."""
+
+    past_logical: int  # logical cache length before this forward
+    seq_len: int  # tokens fed in this forward
+    token_valid: torch.Tensor  # (B, S) bool
+    visual_positions: list[torch.Tensor]
+    visual_blocks: list[torch.Tensor]  # per row, image/video index of each visual token
+    text_positions: list[torch.Tensor]
+    inputs_embeds: torch.Tensor | None = None
+    key_valid: torch.Tensor | None = None  # (B, P + S) bool physical validity of every key column
+    scores: list[torch.Tensor | None] | None = None
+    context: ScoringContext | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class PrunableDynamicCache(DynamicCache):
+    """A drop-in ``DynamicCache`` that prunes visual tokens right after the prefill.
+
+    Build one per ``generate`` call (or per conversation) and pass it as ``past_key_values``::
+
+        cache = PrunableDynamicCache(model, keep_ratio=0.25)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
+
+    Based on SparseVLM (Zhang et al., ICML 2025) for the default scorer. A forward hook on the scoring
+    layer computes the text raters' attention to the visual tokens (only those rows, never the ``N x N``
+    matrix); right after the prefill every layer keeps the top-scored visual tokens plus all text. Positions
+    stay those of the full sequence, so decoding is exact with respect to the kept tokens.
+
+    Args:
+        model: a ``Qwen2_5_VLForConditionalGeneration`` (or ``Qwen2_5_VLModel``) loaded with
+            ``attn_implementation="sdpa"`` or ``"eager"``. Hooks are installed on it once; they do nothing
+            for calls that do not use a ``PrunableDynamicCache``.
+        keep_ratio: fraction in (0, 1] of each image's (or video's) visual tokens to keep,
+            ``round(keep_ratio * n)`` with at least one. Exactly one of ``keep_ratio``/``keep_tokens``.
+        keep_tokens: number of visual tokens to keep per image (or video); all of them if it has fewer.
+        scorer: a registered scorer name (``"sparsevlm"`` default, ``"fastv"``, ``"random"``) or a
+            :class:`~sparse_cache.scorers.Scorer` instance.
+        scoring_layer: decoder layer whose attention scores the tokens; defaults to the scorer's own
+            (2 for SparseVLM, 1 for FastV, none for random).
+        seed: seed of the generator handed to stochastic scorers (default 0).
+
+    After a call, per batch row (following beam reordering):
+        kept_visual_positions: ascending positions, in that row of the ``input_ids`` given to
+            ``generate``, of the visual tokens kept (a later turn's images are numbered in the whole
+            conversation).
+        visual_scores: the score of every visual token of the row, in position order.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        keep_ratio: float | None = None,
+        keep_tokens: int | None = None,
+        *,
+        scorer: str | Scorer = "sparsevlm",
+        scoring_layer: int | None = None,
+        seed: int = 0,
+    ):
+        validate_budget(keep_ratio, keep_tokens)
+        adapter = adapt(model)
+        self.scorer = get_scorer(scorer)
+        if scoring_layer is None:
+            scoring_layer = self.scorer.default_layer
+        if scoring_layer is not None:
+            if isinstance(scoring_layer, bool) or not isinstance(scoring_layer, int):
+                raise TypeError(f"scoring_layer: expected an int, got {type(scoring_layer).__name__}")
+            if not 0 <= scoring_layer < adapter.num_layers:
+                raise ValueError(
+                    f"scoring_layer: {scoring_layer} is outside the model's decoder layers "
+                    f"0..{adapter.num_layers - 1}"
+                )
+        super().__init__(config=adapter.vlm.config)
+        self.keep_ratio = keep_ratio
+        self.keep_tokens = keep_tokens
+        self.scoring_layer = scoring_layer
+        self.seed = seed
+        self._adapter = adapter
+        self._generator = torch.Generator().manual_seed(seed)
+        hooks.install(adapter)
+        self._reset_state()
+
+    # ------------------------------------------------------------------ state
+    def _reset_state(self) -> None:
+        self.kept_visual_positions: list[torch.Tensor] = []
+        self.visual_scores: list[torch.Tensor] = []
+        # Physical layout of the compacted prefix: every layer's first P0 entries. Entries after them
+        # are the tokens fed since, in logical order, with validity given by the caller's 2-D mask.
+        self._prefix_mask: torch.Tensor | None = None  # (B, P0) bool; None = never compacted
+        self._prefix_positions: torch.Tensor | None = None  # (B, P0) logical position, -1 for a pad slot
+        self._prefix_logical = 0  # logical length covered by the prefix (L0)
+        self._prefix_all_valid = True
+        self._dropped = 0  # logical minus physical length (L0 - P0)
+        self._history: torch.Tensor | None = None  # (B, L) token ids seen, to refuse unrelated reuse
+        self._pass: _Pass | None = None
+        self._pending_generate_check: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self._reset_state()
+
+    # ------------------------------------------------------------------ lengths
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Logical length: tokens the sequence has seen, dropped ones included (positions continue from it)."""
+        physical = super().get_seq_length(layer_idx)
+        return physical + self._dropped if physical > 0 else 0
+
+    def get_physical_length(self, layer_idx: int = 0) -> int:
+        """Entries stored per row (kept tokens plus re-padding)."""
+        return super().get_seq_length(layer_idx)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        # Masks index keys physically: the new queries sit right after the stored entries.
+        return super().get_seq_length(layer_idx)
+
+    # ------------------------------------------------------------------ cache API that must follow rows
+    def _physical_tail_length(self) -> int:
+        return self.get_seq_length() - self._prefix_logical
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"tokens_to_remove: pass a negative count to crop, got {tokens_to_remove}")
+        if tokens_to_remove < 0 and self._prefix_mask is not None and -tokens_to_remove > self._physical_tail_length():
+            raise ValueError(
+                f"tokens_to_remove: cannot crop {-tokens_to_remove} tokens into the pruned prefix; only the "
+                f"{self._physical_tail_length()} tokens decoded since pruning can be removed"
+            )
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0 and self._history is not None:
+            self._history = self._history[:, :tokens_to_remove]
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if self._prefix_mask is not None:
+            self._prefix_mask = self._prefix_mask[index.to(self._prefix_mask.device)]
+            self._prefix_positions = self._prefix_positions[index.to(self._prefix_positions.device)]
+        if self._history is not None:
+            self._history = self._history[index.to(self._history.device)]
+        rows = index.tolist()
+        if self.kept_visual_positions:
+            self.kept_visual_positions = [self.kept_visual_positions[i] for i in rows]
+            self.visual_scores = [self.visual_scores[i] for i in rows]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        batch = self._history.shape[0] if self._history is not None else len(self.kept_visual_positions)
+        self._select_rows(torch.arange(batch).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_rows(torch.as_tensor(indices).flatten())
+
+    # ------------------------------------------------------------------ hook callbacks
+    def _on_generate_prefill(self, input_ids: torch.Tensor | None) -> None:
+        """Start of a ``generate`` call: a non-empty cache must be continued, not reused."""
+        if self._history is None or input_ids is None:
+            return
+        seen = self._history
+        if (
+            input_ids.shape[0] != seen.shape[0]
+            or input_ids.shape[1] <= seen.shape[1]
+            or not torch.equal(input_ids[:, : seen.shape[1]].to(seen.device), seen)
+        ):
+            raise ValueError(
+                "past_key_values: this PrunableDynamicCache already holds another conversation "
+                f"({seen.shape[0]} row(s), {seen.shape[1]} tokens); a cache is single-use. Create a new "
+                "PrunableDynamicCache for each unrelated generate call, or continue the same conversation by "
+                "passing its previous output followed by the new turn."
+            )
+
+    def _on_vlm_forward(self, module, args, kwargs) -> None:
+        if module is not self._adapter.vlm:
+            raise ValueError(
+                "past_key_values: this PrunableDynamicCache was built for another model instance; build one "
+                "with PrunableDynamicCache(model, ...) for the model you call"
+            )
+        input_ids = get_arg(args, kwargs, VLM_FORWARD_ARGS, "input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "input_ids: PrunableDynamicCache needs input_ids to find the visual tokens; calls with "
+                "inputs_embeds only are not supported"
+            )
+        self._pass = None  # an earlier forward that raised must not leak into this one
+        self._history = input_ids if self._history is None else torch.cat([self._history, input_ids.to(self._history.device)], 1)
+        adapter = self._adapter
+        is_visual = torch.isin(input_ids, torch.tensor(adapter.visual_token_ids, device=input_ids.device))
+        if not bool(is_visual.any()):
+            return
+        batch, seq_len = input_ids.shape
+        mask = get_arg(args, kwargs, VLM_FORWARD_ARGS, "attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            token_valid = mask[:, -seq_len:].to(input_ids.device).bool()
+        else:
+            token_valid = torch.ones_like(input_ids, dtype=torch.bool)
+        is_visual &= token_valid
+        block_of = _visual_block_ids(input_ids, is_visual, adapter, kwargs)
+        visual_positions, visual_blocks, text_positions = [], [], []
+        positions = torch.arange(seq_len, device=input_ids.device)
+        for row in range(batch):
+            visual = positions[is_visual[row]]
+            visual_positions.append(visual)
+            visual_blocks.append(block_of[row][is_visual[row]])
+            if visual.numel():
+                text_positions.append(positions[(positions > visual[-1]) & token_valid[row]])
+            else:
+                text_positions.append(positions[:0])
+        self._pass = _Pass(
+            past_logical=self.get_seq_length(),
+            seq_len=seq_len,
+            token_valid=token_valid,
+            visual_positions=visual_positions,
+            visual_blocks=visual_blocks,
+            text_positions=text_positions,
+        )
+
+    def _on_text_forward(self, args, kwargs):
+        embeds = get_arg(args, kwargs, TEXT_FORWARD_ARGS, "inputs_embeds")
+        mask = get_arg(args, kwargs, TEXT_FORWARD_ARGS, "attention_mask")
+        if embeds is None:
+            raise ValueError("inputs_embeds: PrunableDynamicCache expects the decoder to receive inputs_embeds")
+        batch, q_len = embeds.shape[:2]
+        past_logical = self.get_seq_length()
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
+            if self._prefix_mask is not None:
+                raise ValueError(
+                    "attention_mask: a pruned PrunableDynamicCache needs a 2-D (batch, length) mask or none; "
+                    f"got {type(mask).__name__}{tuple(getattr(mask, 'shape', ()))}"
+                )
+            physical_mask = None
+        elif self._prefix_mask is None:
+            physical_mask = mask
+        else:
+            expected = past_logical + q_len
+            if mask is not None and mask.shape[-1] != expected:
+                raise ValueError(
+                    f"attention_mask: expected the logical length {expected} (tokens seen {past_logical} + new "
+                    f"{q_len}), got {mask.shape[-1]}"
+                )
+            if mask is None and self._prefix_all_valid:
+                physical_mask = None
+            else:
+                tail_len = past_logical - self._prefix_logical + q_len
+                if mask is None:
+                    tail = torch.ones(batch, tail_len, dtype=torch.bool, device=self._prefix_mask.device)
+                else:
+                    tail = mask[:, self._prefix_logical :].to(self._prefix_mask.device).bool()
+                physical_mask = torch.cat([self._prefix_mask, tail], dim=1)
+                if mask is not None:
+                    physical_mask = physical_mask.to(mask.dtype)
+        if self._pass is not None:
+            p = self._pass
+            p.inputs_embeds = embeds
+            physical_len = self.get_physical_length() + q_len
+            if physical_mask is None:
+                p.key_valid = torch.ones(batch, physical_len, dtype=torch.bool, device=embeds.device)
+            else:
+                p.key_valid = physical_mask.to(embeds.device).bool()
+        if physical_mask is mask:
+            return None
+        return set_arg(args, kwargs, TEXT_FORWARD_ARGS, "attention_mask", physical_mask)
+
+    def _on_attention(self, module, args, kwargs) -> None:
+        p = self._pass
+        if p is None or p.scores is not None or module.layer_idx != self.scoring_layer:
+            return
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cos, sin = rope_tables(module, *kwargs["position_embeddings"])
+        keys = self.layers[module.layer_idx].keys
+        context = self._context(p)
+        context.layer_idx = module.layer_idx
+        context.attn_module = module
+        context.hidden_states = hidden
+        context.cos, context.sin = cos, sin
+        context.keys = keys
+        context.past_length = keys.shape[2] - p.seq_len
+        self._score(p, context)
+
+    def _context(self, p: _Pass) -> ScoringContext:
+        return ScoringContext(
+            inputs_embeds=p.inputs_embeds,
+            token_valid=p.token_valid,
+            visual_positions=p.visual_positions,
+            text_positions=p.text_positions,
+            key_valid=p.key_valid,
+            generator=self._generator,
+            extras=p.extras,
+        )
+
+    def _score(self, p: _Pass, context: ScoringContext) -> None:
+        with torch.no_grad():
+            scores = self.scorer.score(context)
+        if len(scores) != context.batch_size:
+            raise RuntimeError(f"scorer {self.scorer!r} returned {len(scores)} rows for {context.batch_size}")
+        p.scores = scores
+        p.context = context
+
+    def _on_text_forward_end(self) -> None:
+        p = self._pass
+        if p is None:
+            return
+        self._pass = None
+        if p.scores is None:
+            if self.scoring_layer is not None:
+                raise RuntimeError(f"scoring layer {self.scoring_layer} did not run during the forward")
+            self._score(p, self._context(p))
+        with torch.no_grad():
+            self._select_and_compact(p)
+
+    # ------------------------------------------------------------------ select + compact
+    def _select_and_compact(self, p: _Pass) -> None:
+        batch = len(p.visual_positions)
+        if not self.kept_visual_positions:
+            empty = p.visual_positions[0].new_zeros(0)
+            self.kept_visual_positions = [empty for _ in range(batch)]
+            self.visual_scores = [empty.float() for _ in range(batch)]
+        dropped_local = []
+        for row in range(batch):
+            visual = p.visual_positions[row]
+            scores = p.scores[row]
+            if visual.numel() == 0:
+                dropped_local.append(visual)
+                continue
+            if scores is None:
+                logger.warning(
+                    "row %d: no text follows its visual tokens, so %s cannot rate them; keeping all %d",
+                    row, self.scorer.name, visual.numel(),
+                )
+                scores = torch.full((visual.numel(),), float("nan"), device=visual.device)
+                kept_idx = torch.arange(visual.numel(), device=visual.device)
+            else:
+                scores = scores.float().to(visual.device)
+                kept_idx = select_visual(scores, p.visual_blocks[row], self.keep_ratio, self.keep_tokens)
+                if self.keep_tokens is not None:
+                    for block, count in zip(*torch.unique_consecutive(p.visual_blocks[row], return_counts=True)):
+                        if count < self.keep_tokens:
+                            logger.debug(
+                                "row %d, visual block %d: keep_tokens=%d exceeds its %d tokens; keeping all",
+                                row, int(block), self.keep_tokens, int(count),
+                            )
+            keep = torch.zeros(visual.numel(), dtype=torch.bool, device=visual.device)
+            keep[kept_idx] = True
+            dropped_local.append(visual[~keep])
+            offset = p.past_logical
+            self.kept_visual_positions[row] = torch.cat(
+                [self.kept_visual_positions[row].to(visual.device), visual[keep] + offset]
+            )
+            self.visual_scores[row] = torch.cat([self.visual_scores[row].to(scores.device), scores])
+            logger.debug("row %d: kept %d of %d visual tokens", row, int(keep.sum()), visual.numel())
+        if all(d.numel() == 0 for d in dropped_local):
+            return  # nothing dropped: leave the cache exactly as a DynamicCache would hold it
+        self._compact(p, dropped_local)
+
+    def _compact(self, p: _Pass, dropped_local: list[torch.Tensor]) -> None:
+        physical = self.get_physical_length()
+        past_physical = physical - p.seq_len
+        keep = p.key_valid.clone()  # (B, physical): padding and masked slots go too
+        for row, dropped in enumerate(dropped_local):
+            keep[row, dropped.to(keep.device) + past_physical] = False
+        # Logical position of every physical column, to record the new prefix layout.
+        tail_positions = torch.arange(self._prefix_logical, p.past_logical + p.seq_len, device=keep.device)
+        column_positions = tail_positions.expand(keep.shape[0], -1)
+        if self._prefix_positions is not None:
+            column_positions = torch.cat([self._prefix_positions.to(keep.device), column_positions], dim=1)
+        counts = keep.sum(dim=1)
+        new_len = int(counts.max())
+        # Left-pad shorter rows: pad slots point at column 0 (finite values) and are masked out.
+        index = torch.zeros(keep.shape[0], new_len, dtype=torch.long, device=keep.device)
+        new_mask = torch.zeros(keep.shape[0], new_len, dtype=torch.bool, device=keep.device)
+        for row in range(keep.shape[0]):
+            columns = torch.nonzero(keep[row], as_tuple=False).flatten()
+            start = new_len - columns.numel()
+            index[row, start:] = columns
+            new_mask[row, start:] = True
+        positions = column_positions.gather(1, index).masked_fill(~new_mask, -1)
+        gathered_by_device: dict[torch.device, torch.Tensor] = {}
+        for layer in self.layers:
+            if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+                continue
+            device = layer.keys.device
+            if device not in gathered_by_device:
+                gathered_by_device[device] = index.to(device)
+            idx = gathered_by_device[device]
+            b, h, _, d = layer.keys.shape
+            expanded = idx[:, None, :, None].expand(b, h, new_len, d)
+            layer.keys = layer.keys.gather(2, expanded)
+            layer.values = layer.values.gather(2, idx[:, None, :, None].expand(b, h, new_len, layer.values.shape[-1]))
+        self._prefix_mask = new_mask
+        self._prefix_positions = positions
+        self._prefix_logical = p.past_logical + p.seq_len
+        self._prefix_all_valid = bool(new_mask.all())
+        self._dropped = self._prefix_logical - new_len
+        logger.debug(
+            "compacted cache: logical %d -> physical %d entries per row (rows hold %s)",
+            self._prefix_logical, new_len, counts.tolist(),
+        )
+
+
+def _visual_block_ids(input_ids: torch.Tensor, is_visual: torch.Tensor, adapter, kwargs) -> torch.Tensor:
+    """``(B, S)`` index of the image or video each visual token belongs to (budgets apply per block).
+
+    Placeholders of all rows are consumed in order by the images of ``image_grid_thw`` (then videos of
+    ``video_grid_thw``), ``t*h*w/merge**2`` tokens each, as the model's ``masked_scatter`` does. If the
+    grids are missing or do not match the placeholder count, contiguous runs of visual tokens are blocks.
+    """
+    block = torch.full_like(input_ids, -1)
+    merge = adapter.spatial_merge_size**2
+    offset = 0
+    consistent = True
+    for token_id, grid_name in ((adapter.image_token_id, "image_grid_thw"), (adapter.video_token_id, "video_grid_thw")):
+        if token_id is None:
+            continue
+        is_kind = (input_ids == token_id) & is_visual
+        total = int(is_kind.sum())
+        if total == 0:
+            continue
+        grid = kwargs.get(grid_name)
+        if grid is None:
+            consistent = False
+            break
+        counts = (grid.prod(-1) // merge).to(input_ids.device)
+        if int(counts.sum()) != total:
+            consistent = False
+            break
+        ends = torch.cumsum(counts, 0)
+        rank = torch.cumsum(is_kind.flatten().long(), 0).view_as(input_ids) - 1  # running index over all rows
+        ids = torch.searchsorted(ends, rank, right=True) + offset
+        block = torch.where(is_kind, ids, block)
+        offset += counts.numel()
+    if consistent:
+        return block
+    runs = torch.zeros_like(input_ids)
+    starts = is_visual.clone()
+    starts[:, 1:] &= ~is_visual[:, :-1]
+    runs = torch.cumsum(starts.long(), dim=1)
+    return torch.where(is_visual, runs, torch.full_like(runs, -1))

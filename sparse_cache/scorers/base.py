@@ -1,0 +1,92 @@
+"""What a scorer sees, and the interface it implements.
+
+A scorer is a small object with a ``name``, a ``default_layer`` (the decoder layer whose attention
+inputs it reads, or ``None`` if it needs none) and ``score(context) -> list[Tensor]``: one float
+score per visual token of each row, higher = keep. Selection (budgets, top-k per image), compaction
+and decoding are shared; a new method is a new file in this folder plus one line in the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention import attention_rows
+
+
+@dataclass
+class ScoringContext:
+    """Everything captured during one forward that holds visual tokens (a prefill or a new turn).
+
+    Positions are indices into this forward's tokens (``0 .. S-1``); ``past_length`` physical cache
+    entries precede them in the keys.
+
+    Attributes:
+        inputs_embeds: ``(B, S, D)`` decoder input embeddings, visual features already inserted.
+        token_valid: ``(B, S)`` bool, False for padding tokens of this forward.
+        visual_positions: per row, ascending positions of the visual tokens.
+        text_positions: per row, the text tokens after the row's last visual token (padding
+            excluded): the question, end-of-turn marker and assistant header.
+        layer_idx: the decoder layer whose inputs were captured (``None`` if none was needed).
+        hidden_states, cos, sin: ``(B, S, .)`` inputs of that layer's attention module.
+        keys: ``(B, H_kv, P + S, d)`` that layer's keys after the update.
+        key_valid: ``(B, P + S)`` bool, False for padding columns of the physical cache.
+        past_length: ``P``, physical cache entries before this forward.
+        generator: a seeded ``torch.Generator`` for stochastic scorers.
+    """
+
+    inputs_embeds: torch.Tensor
+    token_valid: torch.Tensor
+    visual_positions: list[torch.Tensor]
+    text_positions: list[torch.Tensor]
+    layer_idx: int | None = None
+    attn_module: torch.nn.Module | None = None
+    hidden_states: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    key_valid: torch.Tensor | None = None
+    past_length: int = 0
+    generator: torch.Generator | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.inputs_embeds.shape[0]
+
+    def attention(self, row: int, query_positions: torch.Tensor) -> torch.Tensor:
+        """``(H, R, P + S)`` float32 attention probabilities of ``query_positions`` of ``row``."""
+        if self.keys is None:
+            raise RuntimeError("this scorer asked for attention but no scoring layer was captured")
+        query_positions = query_positions.to(self.hidden_states.device)
+        return attention_rows(
+            self.attn_module,
+            self.hidden_states[row],
+            self.cos[row],
+            self.sin[row],
+            self.keys[row],
+            query_positions,
+            query_positions + self.past_length,
+            self.key_valid[row].to(self.keys.device),
+        )
+
+    def attention_to_visual(self, row: int, query_positions: torch.Tensor) -> torch.Tensor:
+        """``(H, R, N_visual)`` attention of ``query_positions`` to the row's visual tokens."""
+        probs = self.attention(row, query_positions)
+        columns = self.visual_positions[row].to(probs.device) + self.past_length
+        return probs.index_select(-1, columns)
+
+
+class Scorer:
+    """Base class: subclasses set ``name`` and ``default_layer`` and implement :meth:`score`."""
+
+    name: str = ""
+    #: decoder layer whose attention inputs the scorer reads; ``None`` = embeddings only.
+    default_layer: int | None = None
+
+    def score(self, context: ScoringContext) -> list[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

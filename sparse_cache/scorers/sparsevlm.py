@@ -1,0 +1,54 @@
+"""SparseVLM: text raters' attention to the visual tokens at a shallow decoder layer.
+
+Based on "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference"
+(Zhang et al., ICML 2025), sections 3.1-3.2, restated in ``docs/methods.md``.
+
+1. Raters: of the text tokens after the last visual token, those whose relevance
+   ``mean_over_visual(softmax(E_V E_T^T, axis=text))`` is strictly above the mean relevance. When
+   none qualifies (a tiny prompt such as "Describe this image."), all of them rate: the authors'
+   code has no such fallback and yields NaN scores.
+2. Score of a visual token: the raters' attention to it at the scoring layer, averaged over heads
+   and raters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Scorer, ScoringContext
+
+
+def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Indices (into ``text_embeds``) of the text raters; all of them if none is above the mean.
+
+    Args:
+        visual_embeds: ``(N_v, D)`` decoder input embeddings of the visual tokens.
+        text_embeds: ``(N_t, D)`` those of the candidate text tokens.
+    """
+    relevance = torch.softmax(visual_embeds.float() @ text_embeds.float().T, dim=-1).mean(dim=0)  # (N_t,)
+    raters = torch.nonzero(relevance > relevance.mean(), as_tuple=False).flatten()
+    if raters.numel() == 0:
+        raters = torch.arange(text_embeds.shape[0], device=text_embeds.device)
+    return raters
+
+
+class SparseVLMScorer(Scorer):
+    """Text-guided scores: attention from the selected text raters to each visual token."""
+
+    name = "sparsevlm"
+    default_layer = 2
+
+    def score(self, context: ScoringContext) -> list[torch.Tensor | None]:
+        scores = []
+        for row in range(context.batch_size):
+            visual = context.visual_positions[row]
+            text = context.text_positions[row]
+            if visual.numel() == 0 or text.numel() == 0:
+                scores.append(None)  # nothing to rate with: the cache keeps this row's visual tokens
+                continue
+            embeds = context.inputs_embeds[row]
+            raters = text[select_raters(embeds[visual], embeds[text]).to(text.device)]
+            context.extras.setdefault("raters", {})[row] = raters
+            probs = context.attention_to_visual(row, raters)  # (H, R, N_v)
+            scores.append(probs.mean(dim=(0, 1)))
+        return scores

@@ -1,0 +1,537 @@
+"""Offline, deterministic fixtures: a tiny random-weight Qwen2.5-VL and a matching processor.
+
+Everything here is built locally (no hub access, no torchvision) and is meant for the
+test-suite, benchmarks and toy examples. Weights are random, so generated text is
+meaningless, but shapes, special tokens, the chat template and the processor outputs
+(``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``,
+``mm_token_type_ids``) follow the real Qwen2.5-VL conventions exactly.
+
+Sizes tests can rely on (default ``tiny_processor()``):
+
+* a 112x112 image -> ``image_grid_thw == [1, 8, 8]`` -> 64 patches -> 16 image tokens;
+* a 224x168 (width x height) image -> ``[1, 12, 16]`` -> 192 patches -> 48 image tokens;
+* a video of ``2k`` frames of 112x112 -> ``video_grid_thw == [k, 8, 8]`` -> ``16k`` video tokens.
+
+Video: the Qwen2-VL video processor of transformers needs torchvision, which is not
+available here, and ``Qwen2_5_VLProcessor`` refuses ``video_processor=None`` without it;
+so :func:`tiny_processor` returns a :class:`TinyQwen2_5_VLProcessor` (a subclass whose
+``video_processor`` is ``None``) and :func:`make_video_inputs` builds
+``pixel_values_videos`` / ``video_grid_thw`` / ``second_per_grid_ts`` by hand from the
+image processor output (see its docstring).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    AutoProcessor,
+    BatchFeature,
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TinyQwen2_5_VLProcessor",
+    "SPECIAL_TOKENS",
+    "CHAT_TEMPLATE",
+    "DEFAULT_SYSTEM_PROMPT",
+    "TINY_MIN_PIXELS",
+    "TINY_MAX_PIXELS",
+    "tiny_tokenizer",
+    "tiny_qwen2_5_vl_config",
+    "tiny_qwen2_5_vl_model",
+    "tiny_processor",
+    "synthetic_image",
+    "make_inputs",
+    "make_video_inputs",
+]
+
+#: Special tokens of the tiny tokenizer, in id order (they follow the regular vocabulary).
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+#: Qwen2.5-VL chat template (same structure as the released checkpoints).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: Default pixel bounds of the tiny image processor (multiples of 28*28).
+TINY_MIN_PIXELS = 28 * 28 * 4  # 56x56
+TINY_MAX_PIXELS = 28 * 28 * 64  # e.g. 224x224
+
+_PATCH_SIZE = 14
+_MERGE_SIZE = 2
+_TEMPORAL_PATCH_SIZE = 2
+
+# Fixed corpus the BPE merges are learnt from (pure Python, so identical across
+# `tokenizers` versions). Any text still tokenizes through the 256 byte-level symbols.
+_BPE_CORPUS = """
+you are a helpful assistant. describe the image. describe this image in detail.
+what is in the picture? what is shown in the video? what colour is the square?
+the image shows a red square, a green square, a blue square and a yellow block.
+there is a cat and a dog on the table next to the window. count the objects.
+answer the question with one word. answer yes or no. is there a person here?
+the quick brown fox jumps over the lazy dog. one two three four five six seven.
+left right top bottom center middle small large big colour color shape text.
+please summarize the scene. which object is the largest? where is the ball?
+"""
+_NUM_MERGES = 160
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _learn_bpe_merges(words: Sequence[str], num_merges: int) -> list[tuple[str, str]]:
+    """Learn BPE merges over pre-tokenized (byte-level) ``words``; ties break lexicographically."""
+    freqs = Counter(words)
+    splits = {w: list(w) for w in freqs}
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter = Counter()
+        for w, f in freqs.items():
+            s = splits[w]
+            for a, b in zip(s, s[1:]):
+                pairs[(a, b)] += f
+        if not pairs:
+            break
+        best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        if best[1] < 2:
+            break
+        a, b = best[0]
+        merges.append((a, b))
+        for w in freqs:
+            s = splits[w]
+            i, out = 0, []
+            while i < len(s):
+                if i + 1 < len(s) and s[i] == a and s[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            splits[w] = out
+    return merges
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe_vocab_and_merges() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
+    """Byte-level alphabet (256 symbols, sorted) + merges learnt from the fixed corpus."""
+    from tokenizers import pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words = [w for w, _ in byte_level.pre_tokenize_str(_BPE_CORPUS.strip())]
+    merges = _learn_bpe_merges(words, _NUM_MERGES)
+    vocab: dict[str, int] = {}
+    for sym in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[sym] = len(vocab)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    return tuple(vocab.items()), tuple(merges)
+
+
+def tiny_tokenizer():
+    """Build a tiny byte-level BPE ``PreTrainedTokenizerFast`` with Qwen special tokens.
+
+    The vocabulary is the 256 byte-level symbols, a fixed set of merges learnt in pure
+    Python from a small corpus, then the :data:`SPECIAL_TOKENS` (ids ``len(base)`` ...).
+    Any text tokenizes (byte fallback through the byte-level alphabet). It carries the
+    Qwen2.5-VL chat template and pads on the left.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    vocab, merges = _bpe_vocab_and_merges()
+    vocab, merges = dict(vocab), list(merges)
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    # Register the special tokens on the raw tokenizer first so that they get the ids
+    # right after the base vocabulary, in SPECIAL_TOKENS order.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=list(SPECIAL_TOKENS),
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    expected = list(range(len(vocab), len(vocab) + len(SPECIAL_TOKENS)))
+    if ids != expected:  # pragma: no cover - guards against tokenizers behaviour changes
+        raise RuntimeError(f"unexpected special token ids {ids}, expected {expected}")
+    return tokenizer
+
+
+def _special_ids(tokenizer=None) -> dict[str, int]:
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+# --------------------------------------------------------------------------- config / model
+
+_TEXT_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    use_cache=True,
+    initializer_range=0.02,
+)
+_VISION_DEFAULTS: dict[str, Any] = dict(
+    depth=2,
+    hidden_size=32,
+    num_heads=2,
+    intermediate_size=64,
+    hidden_act="silu",
+    in_channels=3,
+    patch_size=_PATCH_SIZE,
+    spatial_merge_size=_MERGE_SIZE,
+    temporal_patch_size=_TEMPORAL_PATCH_SIZE,
+    window_size=112,
+    fullatt_block_indexes=[1],
+    tokens_per_second=2,
+)
+_TOP_LEVEL_KEYS = {"tie_word_embeddings"}
+
+
+def _default_mrope_section(head_dim: int) -> list[int]:
+    """Split ``head_dim // 2`` rotary frequencies into (t, h, w) sections, like [16, 24, 24]."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def tiny_qwen2_5_vl_config(**overrides: Any):
+    """Return a tiny :class:`transformers.Qwen2_5_VLConfig` matching :func:`tiny_tokenizer`.
+
+    Text: hidden 64, 4 layers, 4 heads (head_dim 16), 2 KV heads, intermediate 128,
+    mrope_section [2, 3, 3]. Vision: depth 2, hidden 32, 2 heads, intermediate 64,
+    patch 14, merge 2, temporal patch 2, window 112, full attention in block 1.
+
+    ``overrides``: text-config keys (``num_hidden_layers``, ``hidden_size``, ...,
+    ``rope_theta``, ``mrope_section``), ``vision_``-prefixed keys for the vision config
+    (``vision_depth=1``), ``tie_word_embeddings`` and ``attn_implementation``.
+    """
+    ids = _special_ids()
+    attn_implementation = overrides.pop("attn_implementation", None)
+    text = dict(_TEXT_DEFAULTS)
+    vision = dict(_VISION_DEFAULTS)
+    top: dict[str, Any] = {}
+    rope_theta = overrides.pop("rope_theta", 1_000_000.0)
+    mrope_section = overrides.pop("mrope_section", None)
+    for key, value in overrides.items():
+        if key.startswith("vision_"):
+            vision[key[len("vision_"):]] = value
+        elif key in _TOP_LEVEL_KEYS:
+            top[key] = value
+        else:
+            text[key] = value
+
+    text.setdefault("vocab_size", max(ids.values()) + 1)
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    if mrope_section is None:
+        mrope_section = _default_mrope_section(head_dim)
+    if 2 * sum(mrope_section) != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": rope_theta,
+        "mrope_section": list(mrope_section),
+    }
+    text.setdefault("bos_token_id", ids["<|endoftext|>"])
+    text.setdefault("eos_token_id", ids["<|im_end|>"])
+    text.setdefault("pad_token_id", ids["<|endoftext|>"])
+    vision.setdefault("out_hidden_size", text["hidden_size"])
+
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **top,
+    )
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation  # propagates to sub-configs
+    return config
+
+
+@torch.no_grad()
+def _reinit_weights(model: torch.nn.Module, std: float, seed: int) -> None:
+    """Re-draw all weights from a private generator so models are identical across versions.
+
+    Linear/Embedding weights ~ N(0, ``std``), the vision patch-embedding convolution
+    ~ N(0, 0.02), biases zero, norm weights one.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal_(t: torch.Tensor, s: float) -> None:
+        t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).mul_(s).to(t.dtype))
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            normal_(module.weight, std)
+        elif isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            normal_(module.weight, 0.02)
+        elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+            module.weight.fill_(1.0)
+        else:
+            continue
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.zero_()
+
+
+def tiny_qwen2_5_vl_model(
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    init_std: float = 0.2,
+    **overrides: Any,
+):
+    """Build a tiny random-weight ``Qwen2_5_VLForConditionalGeneration`` in eval mode.
+
+    Weights depend only on ``seed`` (not on ``attn_implementation`` or the transformers
+    version): Linear/Embedding weights are drawn with std ``init_std`` (default 0.2; with
+    the usual 0.02, or even 0.1, attention is almost uniform and greedy decoding repeats one
+    token), so attention patterns are peaked and greedy decoding varies.
+    ``overrides`` go to :func:`tiny_qwen2_5_vl_config`.
+    """
+    config = tiny_qwen2_5_vl_config(attn_implementation=attn_implementation, **overrides)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    _reinit_weights(model, init_std, seed)
+    model = model.to(dtype=dtype).eval()
+    logger.debug(
+        "built tiny Qwen2.5-VL (seed=%d, attn=%s, dtype=%s, %d params)",
+        seed,
+        attn_implementation,
+        dtype,
+        sum(p.numel() for p in model.parameters()),
+    )
+    text_config = config.get_text_config()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id,
+        do_sample=False,
+    )
+    return model
+
+
+# --------------------------------------------------------------------------- processor / inputs
+
+
+class TinyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` without a video processor (so no torchvision is needed).
+
+    ``ProcessorMixin`` type-checks every sub-processor, ``None`` included, against the video
+    processor base class, which is only a torchvision dummy here, so ``Qwen2_5_VLProcessor``
+    itself cannot be built with ``video_processor=None``. This subclass drops the argument
+    (the attribute is always ``None``); everything else is inherited unchanged.
+    """
+
+    video_processor = None
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+
+# Registered under a private key (not a real config class, so the processors of genuine
+# Qwen2.5-VL checkpoints are untouched): lets ``AutoProcessor.from_pretrained`` resolve the
+# saved ``"processor_class": "TinyQwen2_5_VLProcessor"`` once this module is imported.
+AutoProcessor.register("sparse_cache_tiny_qwen2_5_vl", TinyQwen2_5_VLProcessor, exist_ok=True)
+
+
+def tiny_processor(min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS):
+    """Return a Qwen2.5-VL processor: tiny tokenizer + PIL Qwen2-VL image processor + chat template.
+
+    The result is a :class:`TinyQwen2_5_VLProcessor`, a ``Qwen2_5_VLProcessor`` subclass
+    with ``video_processor = None`` (the transformers Qwen2-VL video processor needs
+    torchvision; use :func:`make_video_inputs` for video). Patch 14, merge 2, temporal
+    patch 2; with the default pixel bounds a 112x112 image gives ``image_grid_thw
+    [1, 8, 8]`` (16 image tokens) and a 224x168 (w x h) image ``[1, 12, 16]`` (48 tokens).
+    ``save_pretrained`` / ``AutoProcessor.from_pretrained`` round-trip offline once this
+    module is imported.
+    """
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=_PATCH_SIZE,
+        temporal_patch_size=_TEMPORAL_PATCH_SIZE,
+        merge_size=_MERGE_SIZE,
+    )
+    return TinyQwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_tokenizer(),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def synthetic_image(width: int = 112, height: int = 112, seed: int = 0) -> Image.Image:
+    """Deterministic RGB image: a 4x4 grid of random coloured blocks plus a gradient."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, size=(4, 4, 3))
+    ys = np.minimum(np.arange(height) * 4 // max(height, 1), 3)
+    xs = np.minimum(np.arange(width) * 4 // max(width, 1), 3)
+    arr = colours[ys[:, None], xs[None, :]].astype(np.int64)
+    arr += (np.arange(width)[None, :, None] * 32 // max(width, 1)).astype(np.int64)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def _user_message(images: Sequence[Any], prompt: str, video: bool = False) -> list[dict]:
+    kind = "video" if video else "image"
+    content = [{"type": kind} for _ in images]
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
+
+
+def make_inputs(
+    processor,
+    prompts: Sequence[str],
+    images: Sequence[Sequence[Image.Image]],
+    padding_side: str = "left",
+):
+    """Build a padded batch: one user turn per row (its images, then its prompt).
+
+    ``images[i]`` is the (possibly empty) list of PIL images of row ``i``. Returns the
+    processor's ``BatchFeature`` (``input_ids``, ``attention_mask``, ``mm_token_type_ids``
+    and, if any row has images, ``pixel_values`` / ``image_grid_thw``) as torch tensors.
+    """
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+    texts = [
+        processor.apply_chat_template(_user_message(imgs, p), add_generation_prompt=True, tokenize=False)
+        for p, imgs in zip(prompts, images)
+    ]
+    flat = [img for imgs in images for img in imgs]
+    old_side = processor.tokenizer.padding_side
+    processor.tokenizer.padding_side = padding_side
+    try:
+        return processor(
+            text=texts, images=flat or None, return_tensors="pt", padding=True, padding_side=padding_side
+        )
+    finally:
+        processor.tokenizer.padding_side = old_side
+
+
+def make_video_inputs(processor, prompt: str, frames: Sequence[Image.Image], fps: float = 2.0):
+    """Build single-row inputs for a video given as a list of PIL frames (even count).
+
+    Without torchvision there is no usable video processor, so this mirrors what the
+    Qwen2-VL video processor does: every frame is resized/normalized by the image
+    processor (all frames must share one size); the image processor repeats each frame
+    ``temporal_patch_size`` times inside a patch, so the first temporal copy is kept and
+    consecutive frame pairs are interleaved into ``(C, temporal, p, p)`` patches, in the
+    ``(t, h/m, w/m, m, m)`` order of the video processor. ``<|video_pad|>`` is expanded to
+    ``t*h*w/merge**2`` tokens, ``mm_token_type_ids`` is 2 there, and
+    ``second_per_grid_ts = temporal_patch_size / fps``.
+    """
+    if getattr(processor, "video_processor", None) is not None:
+        messages = _user_message([None], prompt, video=True)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return processor(text=[text], videos=[list(frames)], return_tensors="pt", padding=True)
+
+    ip = processor.image_processor
+    tps, merge = ip.temporal_patch_size, ip.merge_size
+    if len(frames) == 0 or len(frames) % tps:
+        raise ValueError(f"need a positive multiple of {tps} frames, got {len(frames)}")
+    sizes = {f.size for f in frames}
+    if len(sizes) != 1:
+        raise ValueError(f"all frames must have the same size, got {sorted(sizes)}")
+
+    out = ip(images=list(frames), return_tensors="pt")
+    pv, grids = out["pixel_values"], out["image_grid_thw"]
+    _, gh, gw = (int(x) for x in grids[0])
+    n = gh * gw
+    c, p = 3, ip.patch_size
+    # (frames, n, C, tps, p, p) -> keep the first (duplicated) temporal copy of every frame
+    per_frame = pv.reshape(len(frames), n, c, tps, p, p)[:, :, :, 0]
+    grid_t = len(frames) // tps
+    # (t, tps, n, C, p, p) -> (t, n, C, tps, p, p)
+    video = per_frame.reshape(grid_t, tps, n, c, p, p).permute(0, 2, 3, 1, 4, 5)
+    pixel_values_videos = video.reshape(grid_t * n, c * tps * p * p).contiguous()
+    video_grid_thw = torch.tensor([[grid_t, gh, gw]], dtype=torch.long)
+
+    messages = _user_message([None], prompt, video=True)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    video_token = processor.video_token
+    num_tokens = grid_t * gh * gw // merge**2
+    if text.count(video_token) != 1:
+        raise ValueError("chat template must contain exactly one video placeholder")
+    text = text.replace(video_token, video_token * num_tokens)
+    enc = processor.tokenizer([text], return_tensors="pt")
+    input_ids = enc["input_ids"]
+    mm_token_type_ids = torch.zeros_like(input_ids)
+    mm_token_type_ids[input_ids == processor.video_token_id] = 2
+    mm_token_type_ids[input_ids == processor.image_token_id] = 1
+    return BatchFeature(
+        data={
+            "input_ids": input_ids,
+            "attention_mask": enc["attention_mask"],
+            "pixel_values_videos": pixel_values_videos,
+            "video_grid_thw": video_grid_thw,
+            "second_per_grid_ts": torch.tensor([tps / fps], dtype=torch.float32),
+            "mm_token_type_ids": mm_token_type_ids,
+        }
+    )
