@@ -129,7 +129,8 @@ class PrunableDynamicCache(DynamicCache):
         self._dropped = 0  # logical minus physical length (L0 - P0)
         self._history: torch.Tensor | None = None  # (B, L) token ids seen, to refuse unrelated reuse
         self._pass: _Pass | None = None
-        self._pending_generate_check: torch.Tensor | None = None
+        self._splitting = False  # inside the prompt-only forward of a split assisted-decoding prefill
+        self._prompt_logits: torch.Tensor | None = None
 
     def reset(self) -> None:
         super().reset()
@@ -156,11 +157,22 @@ class PrunableDynamicCache(DynamicCache):
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(f"tokens_to_remove: pass a negative count to crop, got {tokens_to_remove}")
-        if tokens_to_remove < 0 and self._prefix_mask is not None and -tokens_to_remove > self._physical_tail_length():
-            raise ValueError(
-                f"tokens_to_remove: cannot crop {-tokens_to_remove} tokens into the pruned prefix; only the "
-                f"{self._physical_tail_length()} tokens decoded since pruning can be removed"
-            )
+        into_prefix = -tokens_to_remove - self._physical_tail_length()
+        if tokens_to_remove < 0 and self._prefix_mask is not None and into_prefix > 0:
+            # Assisted decoding prefills prompt + draft tokens in one forward, then rolls back rejected drafts:
+            # the prefix's last entries can go if they are the last logical tokens, stored contiguously.
+            expected = torch.arange(self._prefix_logical - into_prefix, self._prefix_logical)
+            last = self._prefix_positions[:, -into_prefix:].cpu()
+            if into_prefix > self._prefix_positions.shape[1] or not torch.equal(last, expected.expand_as(last)):
+                raise ValueError(
+                    f"tokens_to_remove: cannot crop {-tokens_to_remove} tokens: that reaches into the pruned "
+                    "visual tokens of the prompt"
+                )
+            self._prefix_mask = self._prefix_mask[:, :-into_prefix]
+            self._prefix_positions = self._prefix_positions[:, :-into_prefix]
+            self._prefix_logical -= into_prefix
+            self._prefix_all_valid = bool(self._prefix_mask.all())
+            self._dropped = self._prefix_logical - self._prefix_mask.shape[1]
         super().crop(tokens_to_remove)
         if tokens_to_remove < 0 and self._history is not None:
             self._history = self._history[:, :tokens_to_remove]
@@ -206,6 +218,59 @@ class PrunableDynamicCache(DynamicCache):
                 "PrunableDynamicCache for each unrelated generate call, or continue the same conversation by "
                 "passing its previous output followed by the new turn."
             )
+
+    def _on_top_forward(self, module, args, kwargs):
+        """Assisted decoding feeds prompt + draft tokens in its first forward (``logits_to_keep`` > 1).
+
+        Scored that way, the drafts would rate the image and see every visual token. Instead, run the
+        prompt alone first (scored and compacted exactly as a plain prefill), then let the call feed only
+        the drafts over the pruned cache; ``_on_top_forward_end`` prepends the prompt's last logits, so the
+        caller sees the ``logits_to_keep`` rows it asked for. Greedy assisted decoding then equals greedy.
+        """
+        self._prompt_logits = None
+        keep = kwargs.get("logits_to_keep")
+        input_ids = kwargs.get("input_ids")
+        if (
+            self._splitting
+            or self.get_seq_length() != 0
+            or not isinstance(keep, int)
+            or keep <= 1
+            or not isinstance(input_ids, torch.Tensor)
+            or input_ids.shape[1] < keep
+        ):
+            return None
+        drafts = keep - 1
+        visual = torch.isin(input_ids[:, -drafts:], torch.tensor(self._adapter.visual_token_ids, device=input_ids.device))
+        if bool(visual.any()):
+            return None
+        prompt_kwargs, draft_kwargs = dict(kwargs), dict(kwargs)
+        for name in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.ndim == 2:
+                prompt_kwargs[name] = value[:, :-drafts]
+                draft_kwargs[name] = value[:, -drafts:] if name != "attention_mask" else value
+        positions = kwargs.get("position_ids")
+        if isinstance(positions, torch.Tensor):
+            prompt_kwargs["position_ids"] = positions[..., :-drafts]
+            draft_kwargs["position_ids"] = positions[..., -drafts:]
+        prompt_kwargs["logits_to_keep"] = 1
+        draft_kwargs["logits_to_keep"] = drafts
+        for name in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts",
+                     "mm_encoder_outputs"):
+            draft_kwargs.pop(name, None)
+        self._splitting = True
+        try:
+            self._prompt_logits = module(*args, **prompt_kwargs).logits
+        finally:
+            self._splitting = False
+        return args, draft_kwargs
+
+    def _on_top_forward_end(self, output):
+        if self._prompt_logits is None or self._splitting:
+            return None
+        prompt_logits, self._prompt_logits = self._prompt_logits, None
+        output.logits = torch.cat([prompt_logits.to(output.logits.dtype), output.logits], dim=1)
+        return output
 
     def _on_vlm_forward(self, module, args, kwargs) -> None:
         if module is not self._adapter.vlm:

@@ -7,6 +7,8 @@ queries. So a few forward hooks are installed, once per model, on:
 - the text decoder (pre): captures the input embeddings, and hands the model a 2-D mask in the
   physical layout of a compacted cache; (post): selects and compacts right after the forward;
 - every decoder layer's attention (post): gives the scoring layer's inputs to the scorer;
+- the top-level model (pre/post): splits a first forward that carries draft tokens after the prompt
+  (assisted decoding) into the prompt's prefill, pruned, and the drafts, verified on the pruned cache;
 - ``prepare_inputs_for_generation`` (wrapped): sees the full ``input_ids`` of a ``generate`` call, to
   refuse a cache reused for an unrelated conversation.
 
@@ -40,6 +42,20 @@ def _vlm_pre_hook(module, args, kwargs):
     cache = get_arg(args, kwargs, VLM_FORWARD_ARGS, "past_key_values")
     if _prunable(cache):
         cache._on_vlm_forward(module, args, kwargs)
+    return None
+
+
+def _top_pre_hook(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    if _prunable(cache):
+        return cache._on_top_forward(module, args, kwargs)
+    return None
+
+
+def _top_post_hook(module, args, kwargs, output):
+    cache = kwargs.get("past_key_values")
+    if _prunable(cache):
+        return cache._on_top_forward_end(output)
     return None
 
 
@@ -89,6 +105,9 @@ def install(adapter: ModelAdapter) -> None:
         adapter.text_model.register_forward_pre_hook(_text_pre_hook, with_kwargs=True),
         adapter.text_model.register_forward_hook(_text_post_hook, with_kwargs=True),
     ]
+    if top is not adapter.vlm:
+        handles.append(top.register_forward_pre_hook(_top_pre_hook, with_kwargs=True))
+        handles.append(top.register_forward_hook(_top_post_hook, with_kwargs=True))
     for layer in adapter.layers:
         handles.append(layer.self_attn.register_forward_hook(_attention_post_hook, with_kwargs=True))
     if hasattr(top, "prepare_inputs_for_generation"):

@@ -96,3 +96,33 @@ def eager_rater_scores(eager_model, inputs, image_token_ids) -> list[torch.Tenso
             raters = text
         scores.append(attn[row][:, raters][:, :, visual].mean(dim=(0, 1)))
     return scores
+
+
+@torch.no_grad()
+def masked_full_cache(model, inputs, kept_positions, visual_token_ids):
+    """Prefill a plain cache with every token; return ``(cache, decode mask, last positions, first logits)``."""
+    positions = full_positions(model, inputs)
+    cache = DynamicCache(config=model.config)
+    out = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True)
+    mask = dropped_mask(inputs, visual_token_ids, kept_positions)
+    return cache, mask, positions[..., -1:], out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def feed(model, cache, mask, last, tokens):
+    """Feed ``tokens`` ``(B, n)`` at the next positions over a full cache with ``mask``; all-step logits."""
+    n = tokens.shape[1]
+    positions = last + torch.arange(1, n + 1).view(1, 1, -1)
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    return out.logits.float(), mask, positions[..., -1:]
+
+
+@torch.no_grad()
+def teacher_forced_logprob(model, inputs, kept_positions, continuations, visual_token_ids):
+    """Sum of log-probabilities of each row's ``continuations`` under oracle 2 (beam scores)."""
+    cache, mask, last, first = masked_full_cache(model, inputs, kept_positions, visual_token_ids)
+    logits, _, _ = feed(model, cache, mask, last, continuations[:, :-1])
+    all_logits = torch.cat([first[:, None], logits], dim=1)
+    logprobs = torch.log_softmax(all_logits, dim=-1)
+    return logprobs.gather(-1, continuations[..., None]).squeeze(-1).sum(-1)
