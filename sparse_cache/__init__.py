@@ -8,6 +8,7 @@
 import logging
 
 from ._compat import MAX_TRANSFORMERS_EXCLUSIVE, MIN_TRANSFORMERS, SUPPORTED_MODEL_CLASSES
+from .auto import disable, enable, is_enabled, pruning
 from .cache import PrunableDynamicCache
 from .hooks import uninstall
 from .scorers import SCORERS, Scorer, ScoringContext
@@ -25,4 +26,8 @@ __all__ = [
     "MIN_TRANSFORMERS",
     "MAX_TRANSFORMERS_EXCLUSIVE",
     "uninstall",
+    "enable",
+    "disable",
+    "is_enabled",
+    "pruning",
 ]

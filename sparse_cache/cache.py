@@ -129,6 +129,7 @@ class PrunableDynamicCache(DynamicCache):
         self._dropped = 0  # logical minus physical length (L0 - P0)
         self._history: torch.Tensor | None = None  # (B, L) token ids seen, to refuse unrelated reuse
         self._pass: _Pass | None = None
+        self._rope_deltas: torch.Tensor | None = None  # this conversation's M-RoPE offsets (model keeps the last call's)
         self._splitting = False  # inside the prompt-only forward of a split assisted-decoding prefill
         self._prompt_logits: torch.Tensor | None = None
 
@@ -219,6 +220,15 @@ class PrunableDynamicCache(DynamicCache):
                 "passing its previous output followed by the new turn."
             )
 
+    def _restore_rope_deltas(self) -> None:
+        """Put this conversation's ``rope_deltas`` back on the model before it computes positions.
+
+        Qwen2.5-VL keeps them on the model and uses them for calls without ``position_ids`` and for a
+        continued ``generate``; another conversation on the same model would otherwise shift ours.
+        """
+        if self._rope_deltas is not None and hasattr(self._adapter.vlm, "rope_deltas"):
+            self._adapter.vlm.rope_deltas = self._rope_deltas
+
     def _on_top_forward(self, module, args, kwargs):
         """Assisted decoding feeds prompt + draft tokens in its first forward (``logits_to_keep`` > 1).
 
@@ -285,6 +295,8 @@ class PrunableDynamicCache(DynamicCache):
                 "inputs_embeds only are not supported"
             )
         self._pass = None  # an earlier forward that raised must not leak into this one
+        if self.get_seq_length() > 0:
+            self._restore_rope_deltas()
         self._history = input_ids if self._history is None else torch.cat([self._history, input_ids.to(self._history.device)], 1)
         adapter = self._adapter
         is_visual = torch.isin(input_ids, torch.tensor(adapter.visual_token_ids, device=input_ids.device))
@@ -324,6 +336,9 @@ class PrunableDynamicCache(DynamicCache):
             raise ValueError("inputs_embeds: PrunableDynamicCache expects the decoder to receive inputs_embeds")
         batch, q_len = embeds.shape[:2]
         past_logical = self.get_seq_length()
+        if past_logical == 0:
+            # set by generate's position preparation or by the model's own forward just before this point
+            self._rope_deltas = getattr(self._adapter.vlm, "rope_deltas", None)
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
             if self._prefix_mask is not None:
                 raise ValueError(

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _HANDLES_ATTR = "_sparse_cache_hook_handles"
 _ORIGINAL_PREPARE_ATTR = "_sparse_cache_original_prepare"
+_ORIGINAL_POSITIONS_ATTR = "_sparse_cache_original_positions"
 
 
 def _prunable(cache) -> bool:
@@ -95,6 +96,21 @@ def _wrap_prepare_inputs(top: torch.nn.Module) -> None:
     top.prepare_inputs_for_generation = prepare_inputs_for_generation
 
 
+def _wrap_prepare_positions(top: torch.nn.Module) -> None:
+    """A continued conversation must use its own ``rope_deltas``, not the last call's on this model."""
+    original = top._prepare_position_ids_for_generation
+
+    @functools.wraps(original)
+    def _prepare_position_ids_for_generation(inputs_tensor, model_kwargs):
+        cache = model_kwargs.get("past_key_values")
+        if _prunable(cache):
+            cache._restore_rope_deltas()
+        return original(inputs_tensor, model_kwargs)
+
+    setattr(top, _ORIGINAL_POSITIONS_ATTR, original)
+    top._prepare_position_ids_for_generation = _prepare_position_ids_for_generation
+
+
 def install(adapter: ModelAdapter) -> None:
     """Install the hooks on ``adapter``'s model once (idempotent)."""
     top = adapter.top
@@ -112,6 +128,8 @@ def install(adapter: ModelAdapter) -> None:
         handles.append(layer.self_attn.register_forward_hook(_attention_post_hook, with_kwargs=True))
     if hasattr(top, "prepare_inputs_for_generation"):
         _wrap_prepare_inputs(top)
+    if hasattr(top, "_prepare_position_ids_for_generation"):
+        _wrap_prepare_positions(top)
     setattr(top, _HANDLES_ATTR, handles)
     logger.debug("sparse_cache: installed %d hooks on %s", len(handles), type(top).__name__)
 
@@ -126,8 +144,12 @@ def uninstall(model: torch.nn.Module) -> None:
         handle.remove()
     if hasattr(model, _HANDLES_ATTR):
         delattr(model, _HANDLES_ATTR)
-    if hasattr(model, _ORIGINAL_PREPARE_ATTR):
-        delattr(model, _ORIGINAL_PREPARE_ATTR)
-        # the wrapper is an instance attribute shadowing the class method: deleting it restores the original
-        if "prepare_inputs_for_generation" in vars(model):
-            del model.prepare_inputs_for_generation
+    # the wrappers are instance attributes shadowing the class methods: deleting them restores the originals
+    for saved, name in (
+        (_ORIGINAL_PREPARE_ATTR, "prepare_inputs_for_generation"),
+        (_ORIGINAL_POSITIONS_ATTR, "_prepare_position_ids_for_generation"),
+    ):
+        if hasattr(model, saved):
+            delattr(model, saved)
+            if name in vars(model):
+                delattr(model, name)
