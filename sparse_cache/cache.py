@@ -42,6 +42,7 @@ class _Pass:
     token_valid: torch.Tensor  # (B, S) bool
     visual_positions: list[torch.Tensor]
     visual_blocks: list[torch.Tensor]  # per row, image/video index of each visual token
+    block_grids: list[tuple[int, int, int]] | None  # merged (t, h, w) grid of each block index
     text_positions: list[torch.Tensor]
     inputs_embeds: torch.Tensor | None = None
     key_valid: torch.Tensor | None = None  # (B, P + S) bool physical validity of every key column
@@ -309,7 +310,7 @@ class PrunableDynamicCache(DynamicCache):
         else:
             token_valid = torch.ones_like(input_ids, dtype=torch.bool)
         is_visual &= token_valid
-        block_of = _visual_block_ids(input_ids, is_visual, adapter, kwargs)
+        block_of, block_grids = _visual_block_ids(input_ids, is_visual, adapter, kwargs)
         visual_positions, visual_blocks, text_positions = [], [], []
         positions = torch.arange(seq_len, device=input_ids.device)
         for row in range(batch):
@@ -326,6 +327,7 @@ class PrunableDynamicCache(DynamicCache):
             token_valid=token_valid,
             visual_positions=visual_positions,
             visual_blocks=visual_blocks,
+            block_grids=block_grids,
             text_positions=text_positions,
         )
 
@@ -400,6 +402,8 @@ class PrunableDynamicCache(DynamicCache):
             token_valid=p.token_valid,
             visual_positions=p.visual_positions,
             text_positions=p.text_positions,
+            visual_blocks=p.visual_blocks,
+            block_grids=p.block_grids,
             key_valid=p.key_valid,
             generator=self._generator,
             extras=p.extras,
@@ -514,17 +518,20 @@ class PrunableDynamicCache(DynamicCache):
         )
 
 
-def _visual_block_ids(input_ids: torch.Tensor, is_visual: torch.Tensor, adapter, kwargs) -> torch.Tensor:
-    """``(B, S)`` index of the image or video each visual token belongs to (budgets apply per block).
+def _visual_block_ids(input_ids: torch.Tensor, is_visual: torch.Tensor, adapter, kwargs):
+    """``(B, S)`` index of the image or video each visual token belongs to (budgets apply per block),
+    and the merged ``(t, h, w)`` grid of each block index (``None`` when the grids are unusable).
 
     Placeholders of all rows are consumed in order by the images of ``image_grid_thw`` (then videos of
     ``video_grid_thw``), ``t*h*w/merge**2`` tokens each, as the model's ``masked_scatter`` does. If the
     grids are missing or do not match the placeholder count, contiguous runs of visual tokens are blocks.
     """
     block = torch.full_like(input_ids, -1)
-    merge = adapter.spatial_merge_size**2
+    side = adapter.spatial_merge_size
+    merge = side**2
     offset = 0
     consistent = True
+    grids: list[tuple[int, int, int]] = []
     for token_id, grid_name in ((adapter.image_token_id, "image_grid_thw"), (adapter.video_token_id, "video_grid_thw")):
         if token_id is None:
             continue
@@ -545,10 +552,11 @@ def _visual_block_ids(input_ids: torch.Tensor, is_visual: torch.Tensor, adapter,
         ids = torch.searchsorted(ends, rank, right=True) + offset
         block = torch.where(is_kind, ids, block)
         offset += counts.numel()
+        grids += [(int(t), int(h) // side, int(w) // side) for t, h, w in grid.tolist()]
     if consistent:
-        return block
+        return block, grids
     runs = torch.zeros_like(input_ids)
     starts = is_visual.clone()
     starts[:, 1:] &= ~is_visual[:, :-1]
     runs = torch.cumsum(starts.long(), dim=1)
-    return torch.where(is_visual, runs, torch.full_like(runs, -1))
+    return torch.where(is_visual, runs, torch.full_like(runs, -1)), None

@@ -28,6 +28,10 @@ class ScoringContext:
         visual_positions: per row, ascending positions of the visual tokens.
         text_positions: per row, the text tokens after the row's last visual token (padding
             excluded): the question, end-of-turn marker and assistant header.
+        visual_blocks: per row, the index of the image or video each visual token belongs to
+            (budgets apply per block; non-decreasing within a row).
+        block_grids: ``(t, h, w)`` merged-token grid of each block index (row-major layout within a
+            frame), or ``None`` if the grids were not given or did not match the placeholders.
         layer_idx: the decoder layer whose inputs were captured (``None`` if none was needed).
         hidden_states, cos, sin: ``(B, S, .)`` inputs of that layer's attention module.
         keys: ``(B, H_kv, P + S, d)`` that layer's keys after the update.
@@ -40,6 +44,8 @@ class ScoringContext:
     token_valid: torch.Tensor
     visual_positions: list[torch.Tensor]
     text_positions: list[torch.Tensor]
+    visual_blocks: list[torch.Tensor] | None = None
+    block_grids: list[tuple[int, int, int]] | None = None
     layer_idx: int | None = None
     attn_module: torch.nn.Module | None = None
     hidden_states: torch.Tensor | None = None
