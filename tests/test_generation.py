@@ -245,3 +245,60 @@ def test_threads_with_different_caches_do_not_interfere(sdpa_model, batch_inputs
             assert torch.equal(out.sequences, alone[name].sequences)
             for a, b in zip(out.logits, alone[name].logits):
                 assert torch.equal(a, b)
+
+
+def test_new_image_in_a_later_turn_is_scored_in_that_turn(model, processor, single_inputs):
+    """Turn 2 brings a new image: its tokens are scored and pruned in turn 2's prefill (by turn 2's
+    question), turn 1's kept set is left as it was; decoding matches the masked oracle (manual calls with
+    explicit positions: transformers' generate cannot position a new image on a continued cache)."""
+    image_id = model.config.image_token_id
+    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    first = model.generate(**single_inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    kept_turn1 = cache.kept_visual_positions[0].clone()
+    image2 = testing.synthetic_image(112, 112, seed=8)
+    turn_text = "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>and this one?<|im_end|>\n<|im_start|>assistant\n"
+    turn = processor(text=[turn_text], images=[image2], return_tensors="pt")
+    sequences = first.sequences
+    full_ids = torch.cat([sequences, turn["input_ids"]], 1)
+    types1 = torch.cat([single_inputs["mm_token_type_ids"], torch.zeros_like(sequences[:, single_inputs["input_ids"].shape[1]:])], 1)
+    full_types = torch.cat([types1, turn["mm_token_type_ids"]], 1)
+    grids = torch.cat([single_inputs["image_grid_thw"], turn["image_grid_thw"]])
+    rope, _ = model.model.get_rope_index(full_ids, mm_token_type_ids=full_types, image_grid_thw=grids)
+    positions = torch.cat([rope[:1], rope], 0)  # text row (unused for masks with a cache) + 3 M-RoPE rows
+    fed = slice(sequences.shape[1] - 1, full_ids.shape[1])  # the last answer token was never fed
+    with torch.no_grad():
+        out = model(
+            input_ids=full_ids[:, fed], pixel_values=turn["pixel_values"], image_grid_thw=turn["image_grid_thw"],
+            mm_token_type_ids=full_types[:, fed], position_ids=positions[..., fed], past_key_values=cache,
+            use_cache=True,
+        )
+        got = [out.logits[:, -1].float()]
+        last = positions[..., -1:]
+        tokens = []
+        for _ in range(NEW - 1):
+            tokens.append(got[-1].argmax(-1, keepdim=True))
+            last = last + 1
+            out = model(input_ids=tokens[-1], position_ids=last, past_key_values=cache, use_cache=True)
+            got.append(out.logits[:, -1].float())
+    kept = cache.kept_visual_positions[0]
+    visual2 = torch.nonzero(full_ids[0] == image_id).flatten()[48:]
+    assert torch.equal(kept[: kept_turn1.numel()], kept_turn1)
+    assert torch.equal(kept[kept_turn1.numel():], kept[torch.isin(kept, visual2)]) and torch.isin(kept, visual2).sum() == 4
+    assert cache.visual_scores[0].numel() == 48 + 16
+    # oracle: full cache; turn 1's dropped tokens masked from its first decode step, turn 2's after its prefill
+    full, mask, last_o, _ = masked_full_cache(model, single_inputs, [kept_turn1], visual_ids(model))
+    prompt_len = single_inputs["input_ids"].shape[1]
+    _, mask, last_o = feed(model, full, mask, last_o, sequences[:, prompt_len:-1])
+    turn_mask = torch.cat([mask, mask.new_ones(1, fed.stop - fed.start)], 1)
+    with torch.no_grad():
+        ref = model(
+            input_ids=full_ids[:, fed], pixel_values=turn["pixel_values"], image_grid_thw=turn["image_grid_thw"],
+            mm_token_type_ids=full_types[:, fed], position_ids=positions[..., fed], attention_mask=turn_mask,
+            past_key_values=full, use_cache=True,
+        )
+    expected = [ref.logits[:, -1].float()]
+    drop2 = visual2[~torch.isin(visual2, kept)]
+    turn_mask[0, drop2] = 0
+    logits, _, _ = feed(model, full, turn_mask, positions[..., -1:], torch.cat(tokens, 1))
+    expected += list(logits.unbind(1))
+    assert_close(got, expected)
