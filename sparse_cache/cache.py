@@ -32,6 +32,10 @@ from .select import select_visual, validate_budget
 
 logger = logging.getLogger(__name__)
 
+#: ``post-prefill``: the prefill runs on every token, the cache is compacted right after it (default).
+#: ``in-prefill``: the layers after the scoring layer compute only the kept tokens (SparseVLM proper).
+MODES = ("post-prefill", "in-prefill")
+
 
 @dataclass
 class _Pass:
@@ -48,6 +52,7 @@ class _Pass:
     key_valid: torch.Tensor | None = None  # (B, P + S) bool physical validity of every key column
     scores: list[torch.Tensor | None] | None = None
     context: ScoringContext | None = None
+    layout: dict | None = None  # in-prefill: gather index, validity, mask and RoPE of the kept tokens
     extras: dict = field(default_factory=dict)
 
 
@@ -76,6 +81,12 @@ class PrunableDynamicCache(DynamicCache):
         scoring_layer: decoder layer whose attention scores the tokens; defaults to the scorer's own
             (2 for SparseVLM, 1 for FastV, none for random).
         seed: seed of the generator handed to stochastic scorers (default 0).
+        mode: ``"post-prefill"`` (default): the prefill computes every token and the cache is compacted
+            right after it. ``"in-prefill"``: right after the scoring layer its output keeps only the kept
+            visual tokens plus all text, so the later layers of the prefill compute fewer tokens (with
+            their original positions); the earlier layers' caches are compacted to the same set at the
+            end of the prefill. In this mode a prefill forward returns logits for the kept tokens only
+            (``generate`` reads the last one).
 
     After a call, per batch row (following beam reordering):
         kept_visual_positions: ascending positions, in that row of the ``input_ids`` given to
@@ -93,8 +104,11 @@ class PrunableDynamicCache(DynamicCache):
         scorer: str | Scorer = "sparsevlm",
         scoring_layer: int | None = None,
         seed: int = 0,
+        mode: str = "post-prefill",
     ):
         validate_budget(keep_ratio, keep_tokens)
+        if mode not in MODES:
+            raise ValueError(f"mode: unknown mode {mode!r}; valid modes are {MODES}")
         adapter = adapt(model)
         self.scorer = get_scorer(scorer)
         if scoring_layer is None:
@@ -112,6 +126,12 @@ class PrunableDynamicCache(DynamicCache):
         self.keep_tokens = keep_tokens
         self.scoring_layer = scoring_layer
         self.seed = seed
+        self.mode = mode
+        if mode == "in-prefill" and scoring_layer is None:
+            raise ValueError(
+                f"mode: 'in-prefill' prunes after a scoring layer, but scorer {self.scorer.name!r} has none; "
+                "pass scoring_layer=..."
+            )
         self._adapter = adapter
         self._generator = torch.Generator().manual_seed(seed)
         hooks.install(adapter)
@@ -427,10 +447,17 @@ class PrunableDynamicCache(DynamicCache):
                 raise RuntimeError(f"scoring layer {self.scoring_layer} did not run during the forward")
             self._score(p, self._context(p))
         with torch.no_grad():
-            self._select_and_compact(p)
+            if p.layout is not None:  # in-prefill: later layers already hold the kept layout
+                self._finish_in_prefill(p)
+                return
+            dropped_local = self._select(p)
+            if all(d.numel() == 0 for d in dropped_local):
+                return  # nothing dropped: leave the cache exactly as a DynamicCache would hold it
+            self._compact(p, dropped_local)
 
     # ------------------------------------------------------------------ select + compact
-    def _select_and_compact(self, p: _Pass) -> None:
+    def _select(self, p: _Pass) -> list[torch.Tensor]:
+        """Pick the kept visual tokens of each row; record them; return each row's dropped positions."""
         batch = len(p.visual_positions)
         if not self.kept_visual_positions:
             empty = p.visual_positions[0].new_zeros(0)
@@ -469,9 +496,15 @@ class PrunableDynamicCache(DynamicCache):
             )
             self.visual_scores[row] = torch.cat([self.visual_scores[row].to(scores.device), scores])
             logger.debug("row %d: kept %d of %d visual tokens", row, int(keep.sum()), visual.numel())
-        if all(d.numel() == 0 for d in dropped_local):
-            return  # nothing dropped: leave the cache exactly as a DynamicCache would hold it
-        self._compact(p, dropped_local)
+        return dropped_local
+
+    def _column_positions(self, p: _Pass, device) -> torch.Tensor:
+        """``(B, P + S)`` logical position of every physical column after this forward's update."""
+        tail_positions = torch.arange(self._prefix_logical, p.past_logical + p.seq_len, device=device)
+        column_positions = tail_positions.expand(p.token_valid.shape[0], -1)
+        if self._prefix_positions is not None:
+            column_positions = torch.cat([self._prefix_positions.to(device), column_positions], dim=1)
+        return column_positions
 
     def _compact(self, p: _Pass, dropped_local: list[torch.Tensor]) -> None:
         physical = self.get_physical_length()
@@ -479,43 +512,125 @@ class PrunableDynamicCache(DynamicCache):
         keep = p.key_valid.clone()  # (B, physical): padding and masked slots go too
         for row, dropped in enumerate(dropped_local):
             keep[row, dropped.to(keep.device) + past_physical] = False
-        # Logical position of every physical column, to record the new prefix layout.
-        tail_positions = torch.arange(self._prefix_logical, p.past_logical + p.seq_len, device=keep.device)
-        column_positions = tail_positions.expand(keep.shape[0], -1)
-        if self._prefix_positions is not None:
-            column_positions = torch.cat([self._prefix_positions.to(keep.device), column_positions], dim=1)
-        counts = keep.sum(dim=1)
-        new_len = int(counts.max())
-        # Left-pad shorter rows: pad slots point at column 0 (finite values) and are masked out.
-        index = torch.zeros(keep.shape[0], new_len, dtype=torch.long, device=keep.device)
-        new_mask = torch.zeros(keep.shape[0], new_len, dtype=torch.bool, device=keep.device)
-        for row in range(keep.shape[0]):
-            columns = torch.nonzero(keep[row], as_tuple=False).flatten()
-            start = new_len - columns.numel()
-            index[row, start:] = columns
-            new_mask[row, start:] = True
-        positions = column_positions.gather(1, index).masked_fill(~new_mask, -1)
-        gathered_by_device: dict[torch.device, torch.Tensor] = {}
-        for layer in self.layers:
+        index, new_mask = _left_packed(keep)
+        positions = self._column_positions(p, keep.device).gather(1, index).masked_fill(~new_mask, -1)
+        self._gather_layers(index, self.layers)
+        self._set_prefix(p, new_mask, positions)
+
+    def _gather_layers(self, index: torch.Tensor, layers) -> None:
+        """Every given layer keeps the physical columns ``index`` ``(B, P')`` of its keys and values."""
+        by_device: dict[torch.device, torch.Tensor] = {}
+        for layer in layers:
             if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
                 continue
             device = layer.keys.device
-            if device not in gathered_by_device:
-                gathered_by_device[device] = index.to(device)
-            idx = gathered_by_device[device]
+            idx = by_device.setdefault(device, index.to(device))
             b, h, _, d = layer.keys.shape
-            expanded = idx[:, None, :, None].expand(b, h, new_len, d)
-            layer.keys = layer.keys.gather(2, expanded)
-            layer.values = layer.values.gather(2, idx[:, None, :, None].expand(b, h, new_len, layer.values.shape[-1]))
+            layer.keys = layer.keys.gather(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
+            dv = layer.values.shape[-1]
+            layer.values = layer.values.gather(2, idx[:, None, :, None].expand(b, h, idx.shape[1], dv))
+
+    def _set_prefix(self, p: _Pass, new_mask: torch.Tensor, positions: torch.Tensor) -> None:
         self._prefix_mask = new_mask
         self._prefix_positions = positions
         self._prefix_logical = p.past_logical + p.seq_len
         self._prefix_all_valid = bool(new_mask.all())
-        self._dropped = self._prefix_logical - new_len
+        self._dropped = self._prefix_logical - new_mask.shape[1]
         logger.debug(
             "compacted cache: logical %d -> physical %d entries per row (rows hold %s)",
-            self._prefix_logical, new_len, counts.tolist(),
+            self._prefix_logical, new_mask.shape[1], new_mask.sum(1).tolist(),
         )
+
+    # ------------------------------------------------------------------ in-prefill pruning
+    def _on_layer_forward(self, module, args, kwargs):
+        """Layers after the pruning layer compute only the kept tokens: mask and RoPE follow the kept set."""
+        p = self._pass
+        if p is None or p.layout is None or module.self_attn.layer_idx <= self.scoring_layer:
+            return None
+        layout = p.layout
+        cos, sin = kwargs["position_embeddings"]
+        if layout.get("rope_source") is not cos:
+            # 5.14 hands (3, B, S, d) tables, later versions (B, S, d): gather along the sequence axis
+            axis = cos.ndim - 2
+            index = layout["index"].to(cos.device)
+            if cos.ndim == 4:
+                index = index.unsqueeze(0).expand(cos.shape[0], -1, -1)
+            index = index.unsqueeze(-1).expand(*index.shape, cos.shape[-1])
+            layout["rope"] = (cos.gather(axis, index), sin.gather(axis, index))
+            layout["rope_source"] = cos
+        kwargs = dict(kwargs)
+        kwargs["position_embeddings"] = layout["rope"]
+        kwargs["attention_mask"] = layout["mask"].to(cos.device) if layout["mask"] is not None else None
+        kwargs["position_ids"] = None
+        return args, kwargs
+
+    def _on_layer_forward_end(self, module, output):
+        """After the pruning layer: select, and cut its output to the kept tokens plus all text."""
+        p = self._pass
+        if p is None or self.mode != "in-prefill" or p.layout is not None or p.scores is None:
+            return None
+        if module.self_attn.layer_idx != self.scoring_layer:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        with torch.no_grad():
+            dropped_local = self._select(p)
+            keep = p.token_valid.clone()
+            for row, dropped in enumerate(dropped_local):
+                keep[row, dropped.to(keep.device)] = False
+            index, valid = _left_packed(keep)
+            past = p.key_valid.shape[1] - p.seq_len
+            p.layout = {"index": index, "valid": valid, "mask": self._in_prefill_mask(p, valid, past, hidden)}
+        index = index.to(hidden.device)
+        hidden = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        logger.debug("in-prefill: layer %d output cut from %d to %d tokens per row", self.scoring_layer,
+                     p.seq_len, index.shape[1])
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    def _in_prefill_mask(self, p: _Pass, valid: torch.Tensor, past: int, hidden: torch.Tensor):
+        """4-D mask of the kept layout: past valid columns, causal over the kept tokens, pads masked."""
+        batch, new = valid.shape
+        past_valid = p.key_valid[:, :past].to(valid.device)
+        causal = torch.ones(new, new, dtype=torch.bool, device=valid.device).tril()
+        allowed_new = causal[None] & valid[:, None, :]
+        # a pad row attends to itself only, so that its (unused) hidden state stays finite
+        allowed_new |= torch.eye(new, dtype=torch.bool, device=valid.device)[None] & ~valid[:, :, None]
+        allowed = torch.cat([past_valid[:, None, :].expand(batch, new, past) & valid[:, :, None], allowed_new], -1)
+        allowed = allowed[:, None]
+        if self._adapter.attn_implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=hidden.dtype, device=valid.device).masked_fill(
+            ~allowed, torch.finfo(hidden.dtype).min
+        )
+
+    def _finish_in_prefill(self, p: _Pass) -> None:
+        """End of an in-prefill forward: layers up to the pruning layer adopt the later layers' layout."""
+        layout = p.layout
+        index, valid = layout["index"], layout["valid"]
+        past = p.key_valid.shape[1] - p.seq_len
+        full_index = torch.cat(
+            [torch.arange(past, device=index.device).expand(index.shape[0], -1), index + past], dim=1
+        )
+        self._gather_layers(full_index, self.layers[: self.scoring_layer + 1])
+        columns = self._column_positions(p, index.device).gather(1, full_index)
+        new_mask = torch.cat([p.key_valid[:, :past].to(valid.device), valid], dim=1)
+        self._set_prefix(p, new_mask, columns.masked_fill(~new_mask, -1))
+
+
+def _left_packed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather index ``(B, K)`` of each row's kept columns, left-padded to the longest row, and validity.
+
+    Pad slots point at column 0 (finite values) and are masked out by the returned validity.
+    """
+    counts = keep.sum(dim=1)
+    new_len = int(counts.max()) if keep.shape[0] else 0
+    index = torch.zeros(keep.shape[0], new_len, dtype=torch.long, device=keep.device)
+    valid = torch.zeros(keep.shape[0], new_len, dtype=torch.bool, device=keep.device)
+    for row in range(keep.shape[0]):
+        columns = torch.nonzero(keep[row], as_tuple=False).flatten()
+        start = new_len - columns.numel()
+        index[row, start:] = columns
+        valid[row, start:] = True
+    return index, valid
 
 
 def _visual_block_ids(input_ids: torch.Tensor, is_visual: torch.Tensor, adapter, kwargs):

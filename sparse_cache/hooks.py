@@ -7,6 +7,8 @@ queries. So a few forward hooks are installed, once per model, on:
 - the text decoder (pre): captures the input embeddings, and hands the model a 2-D mask in the
   physical layout of a compacted cache; (post): selects and compacts right after the forward;
 - every decoder layer's attention (post): gives the scoring layer's inputs to the scorer;
+- every decoder layer (pre/post), in-prefill mode: cuts the pruning layer's output to the kept tokens
+  and hands the later layers the matching mask and RoPE tables;
 - the top-level model (pre/post): splits a first forward that carries draft tokens after the prompt
   (assisted decoding) into the prompt's prefill, pruned, and the drafts, verified on the pruned cache;
 - ``prepare_inputs_for_generation`` (wrapped): sees the full ``input_ids`` of a ``generate`` call, to
@@ -74,6 +76,20 @@ def _text_post_hook(module, args, kwargs, output):
     return None
 
 
+def _layer_pre_hook(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    if _prunable(cache):
+        return cache._on_layer_forward(module, args, kwargs)
+    return None
+
+
+def _layer_post_hook(module, args, kwargs, output):
+    cache = kwargs.get("past_key_values")
+    if _prunable(cache):
+        return cache._on_layer_forward_end(module, output)
+    return None
+
+
 def _attention_post_hook(module, args, kwargs, output):
     cache = kwargs.get("past_key_values")
     if _prunable(cache):
@@ -126,6 +142,8 @@ def install(adapter: ModelAdapter) -> None:
         handles.append(top.register_forward_hook(_top_post_hook, with_kwargs=True))
     for layer in adapter.layers:
         handles.append(layer.self_attn.register_forward_hook(_attention_post_hook, with_kwargs=True))
+        handles.append(layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True))
+        handles.append(layer.register_forward_hook(_layer_post_hook, with_kwargs=True))
     if hasattr(top, "prepare_inputs_for_generation"):
         _wrap_prepare_inputs(top)
     if hasattr(top, "_prepare_position_ids_for_generation"):

@@ -126,3 +126,99 @@ def teacher_forced_logprob(model, inputs, kept_positions, continuations, visual_
     all_logits = torch.cat([first[:, None], logits], dim=1)
     logprobs = torch.log_softmax(all_logits, dim=-1)
     return logprobs.gather(-1, continuations[..., None]).squeeze(-1).sum(-1)
+
+
+def _attention_mask(allowed: torch.Tensor, model, dtype) -> torch.Tensor:
+    """A boolean ``(B, 1, Q, K)`` mask in the format of the model's attention implementation."""
+    if model.config.text_config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _gather_rope(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    axis = table.ndim - 2  # (B, S, d) or, on transformers 5.14, (3, B, S, d)
+    if table.ndim == 4:
+        index = index.unsqueeze(0).expand(table.shape[0], -1, -1)
+    return table.gather(axis, index.unsqueeze(-1).expand(*index.shape, table.shape[-1]))
+
+
+@torch.no_grad()
+def in_prefill_reference_logits(model, inputs, kept_positions, pruning_layer, new_tokens, visual_token_ids):
+    """Oracle 5, built by hand from the model's own modules (no library code).
+
+    Layers ``0..pruning_layer`` run on every token; the later layers run only on the kept tokens (kept
+    visual + all text, each row's tokens in original order, rows left-padded), with their original
+    positions. Decode steps then attend, at every layer, to the kept tokens and earlier decoded ones.
+    Returns the per-step next-token logits for ``new_tokens`` fed by teacher forcing.
+    """
+    text_model = model.model.language_model
+    layers = text_model.layers
+    ids = inputs["input_ids"]
+    batch, seq = ids.shape
+    valid = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+    positions = full_positions(model, inputs)
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+
+    handle = text_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        model(**inputs, position_ids=positions)
+    finally:
+        handle.remove()
+    hidden = captured["embeds"]
+    dtype = hidden.dtype
+    cos, sin = text_model.rotary_emb(hidden, positions[1:])
+
+    def causal(valid_cols, past_valid=None):
+        q = valid_cols.shape[1]
+        allowed = torch.ones(q, q, dtype=torch.bool).tril()[None] & valid_cols[:, None, :]
+        allowed |= torch.eye(q, dtype=torch.bool)[None] & ~valid_cols[:, :, None]
+        if past_valid is not None:
+            allowed = torch.cat([past_valid[:, None, :].expand(-1, q, -1), allowed], -1)
+        return allowed[:, None]
+
+    caches = [DynamicCache(config=model.config) for _ in layers]
+    full_mask = _attention_mask(causal(valid), model, dtype)
+    for i in range(pruning_layer + 1):
+        hidden = layers[i](hidden, attention_mask=full_mask, position_embeddings=(cos, sin), position_ids=None,
+                           past_key_values=caches[i], use_cache=True)
+    # kept set: valid tokens minus dropped visual ones, left-packed
+    keep = valid.clone()
+    visual = torch.isin(ids, torch.tensor(visual_token_ids))
+    for row in range(batch):
+        drop = visual[row].clone()
+        drop[kept_positions[row]] = False
+        keep[row, drop] = False
+    width = int(keep.sum(1).max())
+    index = torch.zeros(batch, width, dtype=torch.long)
+    kept_valid = torch.zeros(batch, width, dtype=torch.bool)
+    for row in range(batch):
+        cols = torch.nonzero(keep[row]).flatten()
+        index[row, width - cols.numel():] = cols
+        kept_valid[row, width - cols.numel():] = True
+    for i in range(pruning_layer + 1):  # earlier layers' caches keep the same set
+        for name in ("keys", "values"):
+            t = getattr(caches[i].layers[i], name)
+            setattr(caches[i].layers[i], name, t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])))
+    hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+    kept_rope = (_gather_rope(cos, index), _gather_rope(sin, index))
+    kept_mask = _attention_mask(causal(kept_valid), model, dtype)
+    for i in range(pruning_layer + 1, len(layers)):
+        hidden = layers[i](hidden, attention_mask=kept_mask, position_embeddings=kept_rope, position_ids=None,
+                           past_key_values=caches[i], use_cache=True)
+    logits = [model.lm_head(text_model.norm(hidden))[:, -1].float()]
+    past_valid = kept_valid
+    last = positions[1:, :, -1:]
+    for step in range(new_tokens.shape[1] - 1):
+        last = last + 1
+        hidden = text_model.embed_tokens(new_tokens[:, step : step + 1])
+        rope = text_model.rotary_emb(hidden, last)
+        mask = _attention_mask(causal(torch.ones(batch, 1, dtype=torch.bool), past_valid), model, dtype)
+        for i, layer in enumerate(layers):
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=None,
+                           past_key_values=caches[i], use_cache=True)
+        past_valid = torch.cat([past_valid, torch.ones(batch, 1, dtype=torch.bool)], 1)
+        logits.append(model.lm_head(text_model.norm(hidden))[:, -1].float())
+    return logits
