@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from . import hooks
 from ._compat import TEXT_FORWARD_ARGS, VLM_FORWARD_ARGS, adapt, get_arg, rope_tables, set_arg
 from .scorers import Scorer, ScoringContext, get_scorer
-from .select import select_visual, validate_budget
+from .select import derive_schedule, select_visual, validate_budget, validate_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ class _Pass:
     scores: list[torch.Tensor | None] | None = None
     context: ScoringContext | None = None
     layout: dict | None = None  # in-prefill: gather index, validity, mask and RoPE of the kept tokens
+    stage: int = 0  # next stage of the schedule to score
+    index: torch.Tensor | None = None  # (B, S_cur) this forward's token behind each current slot
+    valid: torch.Tensor | None = None  # (B, S_cur) validity of the current slots
+    survivors: list[torch.Tensor] | None = None  # per row, bool over visual_positions: still computed
+    cuts: list = field(default_factory=list)  # (index, valid, layer) after each in-prefill stage
     extras: dict = field(default_factory=dict)
 
 
@@ -105,10 +110,19 @@ class PrunableDynamicCache(DynamicCache):
         scoring_layer: int | None = None,
         seed: int = 0,
         mode: str = "post-prefill",
+        schedule: str | list[tuple[int, float]] | None = None,
     ):
-        validate_budget(keep_ratio, keep_tokens)
         if mode not in MODES:
             raise ValueError(f"mode: unknown mode {mode!r}; valid modes are {MODES}")
+        explicit_schedule = schedule is not None and not isinstance(schedule, str)
+        if explicit_schedule:
+            if keep_ratio is not None or keep_tokens is not None:
+                raise ValueError(
+                    "schedule: an explicit schedule sets every stage's keep ratio; leave keep_ratio and "
+                    f"keep_tokens unset (got keep_ratio={keep_ratio!r}, keep_tokens={keep_tokens!r})"
+                )
+        else:
+            validate_budget(keep_ratio, keep_tokens)
         adapter = adapt(model)
         self.scorer = get_scorer(scorer)
         if scoring_layer is None:
@@ -127,6 +141,28 @@ class PrunableDynamicCache(DynamicCache):
         self.scoring_layer = scoring_layer
         self.seed = seed
         self.mode = mode
+        self.schedule = None
+        if schedule is not None:
+            if mode != "in-prefill":
+                raise ValueError("schedule: a progressive schedule prunes inside the prefill; pass mode='in-prefill'")
+            if isinstance(schedule, str):
+                if schedule != "sparsevlm":
+                    raise ValueError(f"schedule: unknown schedule {schedule!r}; valid: 'sparsevlm' or [(layer, ratio), ...]")
+                if keep_ratio is None:
+                    raise ValueError(
+                        "schedule: 'sparsevlm' derives its stages from keep_ratio (the layer-average share of visual "
+                        "tokens); pass keep_ratio instead of keep_tokens"
+                    )
+                self.schedule = derive_schedule(keep_ratio, adapter.num_layers)
+            else:
+                self.schedule = validate_schedule(schedule, adapter.num_layers)
+            self.scoring_layer = scoring_layer = self.schedule[0][0]
+            logger.debug("in-prefill schedule (layer, keep ratio after it): %s", self.schedule)
+        self._stage_layers = (
+            [layer for layer, _ in self.schedule] if self.schedule else ([] if scoring_layer is None else [scoring_layer])
+        )
+        #: per stage of the last pruning forward, per row: the visual positions still computed after it
+        self.stage_kept_visual_positions: list[list[torch.Tensor]] = []
         if mode == "in-prefill" and scoring_layer is None:
             raise ValueError(
                 f"mode: 'in-prefill' prunes after a scoring layer, but scorer {self.scorer.name!r} has none; "
@@ -331,6 +367,10 @@ class PrunableDynamicCache(DynamicCache):
             token_valid = torch.ones_like(input_ids, dtype=torch.bool)
         is_visual &= token_valid
         block_of, block_grids = _visual_block_ids(input_ids, is_visual, adapter, kwargs)
+        if block_grids is None:
+            block_grids = _grids_from_positions(
+                get_arg(args, kwargs, VLM_FORWARD_ARGS, "position_ids"), block_of, is_visual
+            )
         visual_positions, visual_blocks, text_positions = [], [], []
         positions = torch.arange(seq_len, device=input_ids.device)
         for row in range(batch):
@@ -402,7 +442,12 @@ class PrunableDynamicCache(DynamicCache):
 
     def _on_attention(self, module, args, kwargs) -> None:
         p = self._pass
-        if p is None or p.scores is not None or module.layer_idx != self.scoring_layer:
+        if (
+            p is None
+            or p.scores is not None
+            or p.stage >= len(self._stage_layers)
+            or module.layer_idx != self._stage_layers[p.stage]
+        ):
             return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         cos, sin = rope_tables(module, *kwargs["position_embeddings"])
@@ -413,10 +458,12 @@ class PrunableDynamicCache(DynamicCache):
         context.hidden_states = hidden
         context.cos, context.sin = cos, sin
         context.keys = keys
-        context.past_length = keys.shape[2] - p.seq_len
+        context.past_length = keys.shape[2] - hidden.shape[1]
         self._score(p, context)
 
     def _context(self, p: _Pass) -> ScoringContext:
+        if p.index is not None:
+            return self._stage_context(p)
         return ScoringContext(
             inputs_embeds=p.inputs_embeds,
             token_valid=p.token_valid,
@@ -427,6 +474,33 @@ class PrunableDynamicCache(DynamicCache):
             key_valid=p.key_valid,
             generator=self._generator,
             extras=p.extras,
+        )
+
+    def _stage_context(self, p: _Pass) -> ScoringContext:
+        """Context of a later stage of a progressive schedule: positions are slots of the current layout."""
+        index, valid = p.index, p.valid
+        embeds = p.inputs_embeds.gather(1, index.to(p.inputs_embeds.device)[..., None].expand(-1, -1, p.inputs_embeds.shape[-1]))
+        visual, text, blocks = [], [], []
+        for row in range(index.shape[0]):
+            slot_of = torch.full((p.seq_len,), -1, dtype=torch.long, device=index.device)
+            slots = torch.nonzero(valid[row], as_tuple=False).flatten()
+            slot_of[index[row, slots]] = slots
+            alive = p.survivors[row].to(index.device)
+            visual.append(slot_of[p.visual_positions[row].to(index.device)[alive]])
+            text.append(slot_of[p.text_positions[row].to(index.device)])
+            blocks.append(p.visual_blocks[row].to(index.device)[alive])
+        past = p.key_valid.shape[1] - p.seq_len
+        return ScoringContext(
+            inputs_embeds=embeds,
+            token_valid=valid,
+            visual_positions=visual,
+            text_positions=text,
+            visual_blocks=blocks,
+            block_grids=p.block_grids,
+            key_valid=torch.cat([p.key_valid[:, :past], valid.to(p.key_valid.device)], dim=1),
+            generator=self._generator,
+            extras=p.extras,
+            original_positions=index,
         )
 
     def _score(self, p: _Pass, context: ScoringContext) -> None:
@@ -442,61 +516,89 @@ class PrunableDynamicCache(DynamicCache):
         if p is None:
             return
         self._pass = None
+        if p.cuts:  # in-prefill: later layers already hold the kept layout
+            with torch.no_grad():
+                self._finish_in_prefill(p)
+            return
         if p.scores is None:
             if self.scoring_layer is not None:
                 raise RuntimeError(f"scoring layer {self.scoring_layer} did not run during the forward")
             self._score(p, self._context(p))
         with torch.no_grad():
-            if p.layout is not None:  # in-prefill: later layers already hold the kept layout
-                self._finish_in_prefill(p)
-                return
-            dropped_local = self._select(p)
+            keeps = self._select(p)
+            dropped_local = [v[~k] for v, k in zip(p.visual_positions, keeps)]
             if all(d.numel() == 0 for d in dropped_local):
                 return  # nothing dropped: leave the cache exactly as a DynamicCache would hold it
             self._compact(p, dropped_local)
 
     # ------------------------------------------------------------------ select + compact
+    def _stage_budget(self, stage: int) -> tuple[float | None, int | None]:
+        if self.schedule is None:
+            return self.keep_ratio, self.keep_tokens
+        return self.schedule[stage][1], None
+
     def _select(self, p: _Pass) -> list[torch.Tensor]:
-        """Pick the kept visual tokens of each row; record them; return each row's dropped positions."""
+        """Pick the kept visual tokens of each row at the current stage; record them.
+
+        Returns, per row, a bool over the stage's candidates (the visual tokens still computed, in
+        position order, i.e. ``p.context.visual_positions``): True = kept.
+        """
         batch = len(p.visual_positions)
+        if p.survivors is None:
+            p.survivors = [torch.ones(v.numel(), dtype=torch.bool, device=v.device) for v in p.visual_positions]
         if not self.kept_visual_positions:
             empty = p.visual_positions[0].new_zeros(0)
             self.kept_visual_positions = [empty for _ in range(batch)]
             self.visual_scores = [empty.float() for _ in range(batch)]
-        dropped_local = []
+        keep_ratio, keep_tokens = self._stage_budget(p.stage)
+        final = self.schedule is None or p.stage == len(self.schedule) - 1
+        keeps = []
         for row in range(batch):
             visual = p.visual_positions[row]
+            alive = p.survivors[row]
+            candidates, blocks = visual[alive], p.visual_blocks[row][alive]
             scores = p.scores[row]
-            if visual.numel() == 0:
-                dropped_local.append(visual)
+            if candidates.numel() == 0:
+                keeps.append(torch.zeros(0, dtype=torch.bool, device=visual.device))
                 continue
             if scores is None:
                 logger.warning(
                     "row %d: no text follows its visual tokens, so %s cannot rate them; keeping all %d",
-                    row, self.scorer.name, visual.numel(),
+                    row, self.scorer.name, candidates.numel(),
                 )
-                scores = torch.full((visual.numel(),), float("nan"), device=visual.device)
-                kept_idx = torch.arange(visual.numel(), device=visual.device)
+                scores = torch.full((candidates.numel(),), float("nan"), device=visual.device)
+                kept_idx = torch.arange(candidates.numel(), device=visual.device)
             else:
                 scores = scores.float().to(visual.device)
-                kept_idx = select_visual(scores, p.visual_blocks[row], self.keep_ratio, self.keep_tokens)
-                if self.keep_tokens is not None:
-                    for block, count in zip(*torch.unique_consecutive(p.visual_blocks[row], return_counts=True)):
-                        if count < self.keep_tokens:
+                ids, counts = torch.unique_consecutive(p.visual_blocks[row], return_counts=True)
+                reference = {int(b): int(c) for b, c in zip(ids, counts)}
+                kept_idx = select_visual(scores, blocks, keep_ratio, keep_tokens, reference)
+                if keep_tokens is not None:
+                    for block, count in reference.items():
+                        if count < keep_tokens:
                             logger.debug(
                                 "row %d, visual block %d: keep_tokens=%d exceeds its %d tokens; keeping all",
-                                row, int(block), self.keep_tokens, int(count),
+                                row, block, keep_tokens, count,
                             )
-            keep = torch.zeros(visual.numel(), dtype=torch.bool, device=visual.device)
+            keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=visual.device)
             keep[kept_idx] = True
-            dropped_local.append(visual[~keep])
-            offset = p.past_logical
-            self.kept_visual_positions[row] = torch.cat(
-                [self.kept_visual_positions[row].to(visual.device), visual[keep] + offset]
-            )
-            self.visual_scores[row] = torch.cat([self.visual_scores[row].to(scores.device), scores])
-            logger.debug("row %d: kept %d of %d visual tokens", row, int(keep.sum()), visual.numel())
-        return dropped_local
+            keeps.append(keep)
+            if p.stage == 0:
+                self.visual_scores[row] = torch.cat([self.visual_scores[row].to(scores.device), scores])
+            new_alive = alive.clone()
+            new_alive[alive] = keep
+            p.survivors[row] = new_alive
+            if final:
+                self.kept_visual_positions[row] = torch.cat(
+                    [self.kept_visual_positions[row].to(visual.device), visual[new_alive] + p.past_logical]
+                )
+            logger.debug("row %d, stage %d: kept %d of %d visual tokens", row, p.stage, int(keep.sum()), visual.numel())
+        if p.stage == 0:
+            self.stage_kept_visual_positions = []
+        self.stage_kept_visual_positions.append(
+            [v[a] + p.past_logical for v, a in zip(p.visual_positions, p.survivors)]
+        )
+        return keeps
 
     def _column_positions(self, p: _Pass, device) -> torch.Tensor:
         """``(B, P + S)`` logical position of every physical column after this forward's update."""
@@ -543,47 +645,55 @@ class PrunableDynamicCache(DynamicCache):
 
     # ------------------------------------------------------------------ in-prefill pruning
     def _on_layer_forward(self, module, args, kwargs):
-        """Layers after the pruning layer compute only the kept tokens: mask and RoPE follow the kept set."""
+        """Layers after a pruning layer compute only the kept tokens: mask and RoPE follow the kept set."""
         p = self._pass
-        if p is None or p.layout is None or module.self_attn.layer_idx <= self.scoring_layer:
+        if p is None or p.layout is None or module.self_attn.layer_idx <= p.layout["after_layer"]:
             return None
         layout = p.layout
         cos, sin = kwargs["position_embeddings"]
         if layout.get("rope_source") is not cos:
-            # 5.14 hands (3, B, S, d) tables, later versions (B, S, d): gather along the sequence axis
-            axis = cos.ndim - 2
-            index = layout["index"].to(cos.device)
-            if cos.ndim == 4:
-                index = index.unsqueeze(0).expand(cos.shape[0], -1, -1)
-            index = index.unsqueeze(-1).expand(*index.shape, cos.shape[-1])
-            layout["rope"] = (cos.gather(axis, index), sin.gather(axis, index))
+            # the text model computes full-sequence tables once for all layers: gather the kept slots
+            # (5.14 hands (3, B, S, d) tables, later versions (B, S, d))
+            layout["rope"] = (_gather_sequence(cos, layout["index"]), _gather_sequence(sin, layout["index"]))
             layout["rope_source"] = cos
         kwargs = dict(kwargs)
         kwargs["position_embeddings"] = layout["rope"]
-        kwargs["attention_mask"] = layout["mask"].to(cos.device) if layout["mask"] is not None else None
+        kwargs["attention_mask"] = layout["mask"].to(cos.device)
         kwargs["position_ids"] = None
         return args, kwargs
 
     def _on_layer_forward_end(self, module, output):
-        """After the pruning layer: select, and cut its output to the kept tokens plus all text."""
+        """After a pruning layer: select, and cut its output to the kept tokens plus all text."""
         p = self._pass
-        if p is None or self.mode != "in-prefill" or p.layout is not None or p.scores is None:
-            return None
-        if module.self_attn.layer_idx != self.scoring_layer:
+        layer = module.self_attn.layer_idx
+        if (
+            p is None
+            or self.mode != "in-prefill"
+            or p.scores is None
+            or p.stage >= len(self._stage_layers)
+            or layer != self._stage_layers[p.stage]
+        ):
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         with torch.no_grad():
-            dropped_local = self._select(p)
-            keep = p.token_valid.clone()
-            for row, dropped in enumerate(dropped_local):
-                keep[row, dropped.to(keep.device)] = False
-            index, valid = _left_packed(keep)
+            keeps = self._select(p)
+            slots_valid = (p.valid if p.index is not None else p.token_valid).clone()
+            for row, keep in enumerate(keeps):
+                slots_valid[row, p.context.visual_positions[row].to(slots_valid.device)[~keep]] = False
+            local, valid = _left_packed(slots_valid)
+            index = local if p.index is None else p.index.gather(1, local)
             past = p.key_valid.shape[1] - p.seq_len
-            p.layout = {"index": index, "valid": valid, "mask": self._in_prefill_mask(p, valid, past, hidden)}
-        index = index.to(hidden.device)
-        hidden = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        logger.debug("in-prefill: layer %d output cut from %d to %d tokens per row", self.scoring_layer,
-                     p.seq_len, index.shape[1])
+            p.cuts.append((index, valid, layer))
+            p.index, p.valid = index, valid
+            p.layout = {
+                "index": index, "valid": valid, "after_layer": layer,
+                "mask": self._in_prefill_mask(p, valid, past, hidden),
+            }
+            p.stage += 1
+            p.scores = None
+        width = hidden.shape[1]
+        hidden = hidden.gather(1, local.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        logger.debug("in-prefill: layer %d output cut from %d to %d tokens per row", layer, width, hidden.shape[1])
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
     def _in_prefill_mask(self, p: _Pass, valid: torch.Tensor, past: int, hidden: torch.Tensor):
@@ -603,17 +713,40 @@ class PrunableDynamicCache(DynamicCache):
         )
 
     def _finish_in_prefill(self, p: _Pass) -> None:
-        """End of an in-prefill forward: layers up to the pruning layer adopt the later layers' layout."""
-        layout = p.layout
-        index, valid = layout["index"], layout["valid"]
+        """End of an in-prefill forward: every layer's cache adopts the last stage's layout.
+
+        Layers up to the first pruning layer computed every token; layers between two pruning layers
+        computed the earlier stage's survivors. Each keeps the final set, so decoding sees one layout.
+        """
+        final_index, final_valid = p.index, p.valid
+        batch = final_index.shape[0]
         past = p.key_valid.shape[1] - p.seq_len
-        full_index = torch.cat(
-            [torch.arange(past, device=index.device).expand(index.shape[0], -1), index + past], dim=1
-        )
-        self._gather_layers(full_index, self.layers[: self.scoring_layer + 1])
-        columns = self._column_positions(p, index.device).gather(1, full_index)
-        new_mask = torch.cat([p.key_valid[:, :past].to(valid.device), valid], dim=1)
+        past_columns = torch.arange(past, device=final_index.device).expand(batch, -1)
+        group_start = 0
+        layouts = [(None, None)] + [(index, valid) for index, valid, _ in p.cuts[:-1]]
+        for (index, valid), (_, _, last_layer) in zip(layouts, p.cuts):
+            if index is None:
+                local = final_index
+            else:
+                slot_of = torch.full((batch, p.seq_len), 0, dtype=torch.long, device=index.device)
+                for row in range(batch):
+                    slots = torch.nonzero(valid[row], as_tuple=False).flatten()
+                    slot_of[row, index[row, slots]] = slots
+                local = slot_of.gather(1, final_index)
+            self._gather_layers(torch.cat([past_columns, local + past], 1), self.layers[group_start : last_layer + 1])
+            group_start = last_layer + 1
+        full_index = torch.cat([past_columns, final_index + past], dim=1)
+        columns = self._column_positions(p, final_index.device).gather(1, full_index)
+        new_mask = torch.cat([p.key_valid[:, :past].to(final_valid.device), final_valid], dim=1)
         self._set_prefix(p, new_mask, columns.masked_fill(~new_mask, -1))
+
+
+def _gather_sequence(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather ``index`` ``(B, K)`` along the sequence axis of a ``(B, S, d)`` or ``(3, B, S, d)`` table."""
+    index = index.to(table.device)
+    if table.ndim == 4:
+        index = index.unsqueeze(0).expand(table.shape[0], -1, -1)
+    return table.gather(table.ndim - 2, index.unsqueeze(-1).expand(*index.shape, table.shape[-1]))
 
 
 def _left_packed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -670,8 +803,34 @@ def _visual_block_ids(input_ids: torch.Tensor, is_visual: torch.Tensor, adapter,
         grids += [(int(t), int(h) // side, int(w) // side) for t, h, w in grid.tolist()]
     if consistent:
         return block, grids
-    runs = torch.zeros_like(input_ids)
     starts = is_visual.clone()
     starts[:, 1:] &= ~is_visual[:, :-1]
-    runs = torch.cumsum(starts.long(), dim=1)
+    # numbered over the whole batch (row-major), so that a block index names one block of one row
+    runs = torch.cumsum(starts.flatten().long(), dim=0).view_as(input_ids) - 1
     return torch.where(is_visual, runs, torch.full_like(runs, -1)), None
+
+
+def _grids_from_positions(position_ids, block_of: torch.Tensor, is_visual: torch.Tensor):
+    """Merged ``(t, h, w)`` grid of every block, read from the M-RoPE positions; ``None`` if unusable.
+
+    transformers >= 5.2x's ``generate`` encodes the images before the prefill and calls the model with
+    ``mm_encoder_outputs`` and no ``image_grid_thw``; the positions still carry each block's extent.
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.ndim != 3 or position_ids.shape[0] not in (3, 4):
+        return None
+    rope = position_ids[-3:].to(block_of.device)  # (3, B, S): t, h, w
+    if rope.shape[1:] != block_of.shape:
+        return None
+    grids = []
+    for block in range(int(block_of.max()) + 1):
+        member = (block_of == block) & is_visual
+        count = int(member.sum())
+        if count == 0:
+            return None
+        h_pos, w_pos = rope[1][member], rope[2][member]
+        h = int(h_pos.max() - h_pos.min()) + 1
+        w = int(w_pos.max() - w_pos.min()) + 1
+        if count % (h * w):
+            return None
+        grids.append((count // (h * w), h, w))
+    return grids

@@ -48,19 +48,95 @@ def top_k_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_visual(
-    scores: torch.Tensor, block_ids: torch.Tensor, keep_ratio: float | None, keep_tokens: int | None
+    scores: torch.Tensor,
+    block_ids: torch.Tensor,
+    keep_ratio: float | None,
+    keep_tokens: int | None,
+    reference_counts: dict[int, int] | None = None,
 ) -> torch.Tensor:
     """Indices (into the row's visual tokens) kept: the top-scored of each block (image or video).
 
     Args:
         scores: ``(N_v,)`` scores of the row's visual tokens in position order.
         block_ids: ``(N_v,)`` which image/video each visual token belongs to (non-decreasing).
+        reference_counts: block -> token count the budget is relative to (an image's original count
+            when a progressive schedule scores survivors of an earlier stage); default: the members.
     """
     kept = []
     for block in torch.unique_consecutive(block_ids):
         members = torch.nonzero(block_ids == block, as_tuple=False).flatten()
-        k = budget(members.numel(), keep_ratio, keep_tokens)
+        reference = members.numel() if reference_counts is None else reference_counts[int(block)]
+        k = min(members.numel(), budget(reference, keep_ratio, keep_tokens))
         kept.append(members[top_k_ascending(scores[members], k)])
     if not kept:
         return torch.zeros(0, dtype=torch.long, device=scores.device)
     return torch.cat(kept)
+
+
+#: SparseVLM's progressive schedule for a 32-layer LLaVA-1.5-7B: pruning layers and visual tokens kept
+#: (of 576) after each, for an "equivalent" 192 tokens (the authors' v1 budgets, methods.md section 4).
+SPARSEVLM_LAYERS_OF_32 = (2, 6, 15)
+SPARSEVLM_PROFILE = (300 / 576, 200 / 576, 110 / 576)
+
+
+def layer_average_ratio(schedule: list[tuple[int, float]], num_layers: int) -> float:
+    """Fraction of the visual tokens an average layer computes under ``schedule`` (layer, ratio after it)."""
+    total, previous_layer, previous_ratio = 0.0, -1, 1.0
+    for layer, ratio in schedule:
+        total += (layer - previous_layer) * previous_ratio
+        previous_layer, previous_ratio = layer, ratio
+    total += (num_layers - 1 - previous_layer) * previous_ratio
+    return total / num_layers
+
+
+def derive_schedule(equivalent_keep_ratio: float, num_layers: int) -> list[tuple[int, float]]:
+    """A progressive schedule whose layer-average keep ratio is ``equivalent_keep_ratio``.
+
+    The authors' layers 2/6/15 of 32 are scaled to the model's depth (2/5/13 of 28 for Qwen2.5-VL-7B,
+    duplicates merged), and their budget profile 300:200:110 is scaled by one factor so that the average
+    over layers of the visual tokens computed equals the target. Ratios are relative to each image's own
+    visual count. Raises ``ValueError`` if the target is below what the first pruning layer allows.
+    """
+    validate_budget(equivalent_keep_ratio, None)
+    layers: list[int] = []
+    profile: list[float] = []
+    for layer32, share in zip(SPARSEVLM_LAYERS_OF_32, SPARSEVLM_PROFILE):
+        layer = min(num_layers - 1, max(0, int(math.floor(layer32 * num_layers / 32 + 0.5))))
+        if layers and layer <= layers[-1]:
+            continue
+        layers.append(layer)
+        profile.append(share)
+    spans = [(nxt - cur) for cur, nxt in zip(layers, layers[1:] + [num_layers - 1])]
+    weighted = sum(share * span for share, span in zip(profile, spans))
+    full_layers = layers[0] + 1
+    if weighted == 0:
+        return [(layers[0], equivalent_keep_ratio)]
+    factor = (equivalent_keep_ratio * num_layers - full_layers) / weighted
+    if factor <= 0:
+        minimum = full_layers / num_layers
+        raise ValueError(
+            f"keep_ratio: an equivalent keep ratio of {equivalent_keep_ratio} is below what pruning after layer "
+            f"{layers[0]} of {num_layers} can reach (> {minimum:.3f}); use a larger ratio or an explicit schedule"
+        )
+    return [(layer, min(1.0, factor * share)) for layer, share in zip(layers, profile)]
+
+
+def validate_schedule(schedule, num_layers: int) -> list[tuple[int, float]]:
+    """Check an explicit ``[(layer, keep_ratio), ...]`` schedule; return it as a list of tuples."""
+    try:
+        stages = [(layer, ratio) for layer, ratio in schedule]
+    except (TypeError, ValueError):
+        raise TypeError(f"schedule: expected 'sparsevlm' or a list of (layer, keep_ratio) pairs, got {schedule!r}")
+    if not stages:
+        raise ValueError("schedule: needs at least one (layer, keep_ratio) stage")
+    previous_layer, previous_ratio = -1, 1.0
+    for layer, ratio in stages:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not previous_layer < layer < num_layers:
+            raise ValueError(
+                f"schedule: layers must be increasing ints in 0..{num_layers - 1}; got {[l for l, _ in stages]}"
+            )
+        validate_budget(ratio, None)
+        if ratio > previous_ratio:
+            raise ValueError(f"schedule: keep ratios must not increase from stage to stage; got {[r for _, r in stages]}")
+        previous_layer, previous_ratio = layer, ratio
+    return stages

@@ -143,13 +143,14 @@ def _gather_rope(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def in_prefill_reference_logits(model, inputs, kept_positions, pruning_layer, new_tokens, visual_token_ids):
+def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_ids):
     """Oracle 5, built by hand from the model's own modules (no library code).
 
-    Layers ``0..pruning_layer`` run on every token; the later layers run only on the kept tokens (kept
-    visual + all text, each row's tokens in original order, rows left-padded), with their original
-    positions. Decode steps then attend, at every layer, to the kept tokens and earlier decoded ones.
-    Returns the per-step next-token logits for ``new_tokens`` fed by teacher forcing.
+    ``stages`` is ``[(layer, kept_positions_per_row), ...]``: layers up to the first pruning layer run on
+    every token; after each pruning layer only that stage's kept visual tokens and all text go on (each
+    row's tokens in original order, rows left-padded), with their original positions. At the end every
+    layer's cache keeps the last stage's set; decode steps attend, at every layer, to those tokens and
+    earlier decoded ones. Returns the per-step next-token logits for ``new_tokens`` (teacher forcing).
     """
     text_model = model.model.language_model
     layers = text_model.layers
@@ -180,34 +181,48 @@ def in_prefill_reference_logits(model, inputs, kept_positions, pruning_layer, ne
         return allowed[:, None]
 
     caches = [DynamicCache(config=model.config) for _ in layers]
-    full_mask = _attention_mask(causal(valid), model, dtype)
-    for i in range(pruning_layer + 1):
-        hidden = layers[i](hidden, attention_mask=full_mask, position_embeddings=(cos, sin), position_ids=None,
-                           past_key_values=caches[i], use_cache=True)
-    # kept set: valid tokens minus dropped visual ones, left-packed
-    keep = valid.clone()
     visual = torch.isin(ids, torch.tensor(visual_token_ids))
-    for row in range(batch):
-        drop = visual[row].clone()
-        drop[kept_positions[row]] = False
-        keep[row, drop] = False
-    width = int(keep.sum(1).max())
-    index = torch.zeros(batch, width, dtype=torch.long)
-    kept_valid = torch.zeros(batch, width, dtype=torch.bool)
-    for row in range(batch):
-        cols = torch.nonzero(keep[row]).flatten()
-        index[row, width - cols.numel():] = cols
-        kept_valid[row, width - cols.numel():] = True
-    for i in range(pruning_layer + 1):  # earlier layers' caches keep the same set
+    current = torch.arange(seq).expand(batch, -1)  # token behind each slot
+    current_valid = valid
+    rope = (cos, sin)
+    mask = _attention_mask(causal(valid), model, dtype)
+    layer_slots = []  # per layer: token behind each of its cache slots, and validity
+    boundaries = [layer for layer, _ in stages] + [len(layers) - 1]
+    start = 0
+    for stage in range(len(boundaries)):
+        for i in range(start, boundaries[stage] + 1):
+            hidden = layers[i](hidden, attention_mask=mask, position_embeddings=rope, position_ids=None,
+                               past_key_values=caches[i], use_cache=True)
+            layer_slots.append((current, current_valid))
+        start = boundaries[stage] + 1
+        if stage == len(stages):
+            break
+        kept_positions = stages[stage][1]
+        keep = current_valid.clone()
+        for row in range(batch):
+            is_dropped_visual = visual[row, current[row]] & ~torch.isin(current[row], kept_positions[row])
+            keep[row] &= ~is_dropped_visual
+        width = int(keep.sum(1).max())
+        local = torch.zeros(batch, width, dtype=torch.long)
+        new_valid = torch.zeros(batch, width, dtype=torch.bool)
+        for row in range(batch):
+            cols = torch.nonzero(keep[row]).flatten()
+            local[row, width - cols.numel():] = cols
+            new_valid[row, width - cols.numel():] = True
+        hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+        current, current_valid = current.gather(1, local), new_valid
+        rope = (_gather_rope(cos, current), _gather_rope(sin, current))
+        mask = _attention_mask(causal(current_valid), model, dtype)
+    # every layer's cache keeps the last stage's tokens, in the final slot order
+    for i, (slots, slots_valid) in enumerate(layer_slots):
+        pick = torch.zeros(batch, current.shape[1], dtype=torch.long)
+        for row in range(batch):
+            where = {int(t): j for j, t in enumerate(slots[row].tolist()) if slots_valid[row, j]}
+            pick[row] = torch.tensor([where.get(int(t), 0) for t in current[row].tolist()])
         for name in ("keys", "values"):
             t = getattr(caches[i].layers[i], name)
-            setattr(caches[i].layers[i], name, t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])))
-    hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-    kept_rope = (_gather_rope(cos, index), _gather_rope(sin, index))
-    kept_mask = _attention_mask(causal(kept_valid), model, dtype)
-    for i in range(pruning_layer + 1, len(layers)):
-        hidden = layers[i](hidden, attention_mask=kept_mask, position_embeddings=kept_rope, position_ids=None,
-                           past_key_values=caches[i], use_cache=True)
+            setattr(caches[i].layers[i], name, t.gather(2, pick[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])))
+    kept_valid = current_valid
     logits = [model.lm_head(text_model.norm(hidden))[:, -1].float()]
     past_valid = kept_valid
     last = positions[1:, :, -1:]

@@ -23,7 +23,7 @@ def test_in_prefill_matches_hand_built_reference(model, single_inputs, batch_inp
         assert [k.numel() for k in cache.kept_visual_positions] == [12, 4]
     prompt_len = inputs["input_ids"].shape[1]
     expected = in_prefill_reference_logits(
-        model, inputs, cache.kept_visual_positions, layer, out.sequences[:, prompt_len:], visual_ids(model)
+        model, inputs, [(layer, cache.kept_visual_positions)], out.sequences[:, prompt_len:], visual_ids(model)
     )
     assert len(out.logits) == len(expected)
     for step, (a, e) in enumerate(zip(out.logits, expected)):
@@ -52,3 +52,77 @@ def test_unknown_mode_is_refused(sdpa_model):
         PrunableDynamicCache(sdpa_model, keep_ratio=0.5, mode="during")
     with pytest.raises(ValueError, match="scoring_layer"):
         PrunableDynamicCache(sdpa_model, keep_ratio=0.5, scorer="random", mode="in-prefill")
+
+
+@pytest.mark.parametrize("which", ["single", "batch"])
+def test_progressive_schedule_matches_hand_built_reference(model, single_inputs, batch_inputs, which):
+    inputs = single_inputs if which == "single" else batch_inputs
+    schedule = [(0, 0.5), (1, 0.25), (2, 0.125)]
+    cache = PrunableDynamicCache(model, mode="in-prefill", schedule=schedule)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    counts = [[k.numel() for k in stage] for stage in cache.stage_kept_visual_positions]
+    if which == "batch":
+        assert counts == [[24, 8], [12, 4], [6, 2]]  # budgets relative to each image's own 48 / 16 tokens
+    for earlier, later in zip(cache.stage_kept_visual_positions, cache.stage_kept_visual_positions[1:]):
+        for a, b in zip(earlier, later):
+            assert torch.isin(b, a).all()  # each stage prunes among the previous stage's survivors
+    assert all(torch.equal(a, b) for a, b in zip(cache.kept_visual_positions, cache.stage_kept_visual_positions[-1]))
+    stages = [(layer, kept) for (layer, _), kept in zip(schedule, cache.stage_kept_visual_positions)]
+    prompt_len = inputs["input_ids"].shape[1]
+    expected = in_prefill_reference_logits(model, inputs, stages, out.sequences[:, prompt_len:], visual_ids(model))
+    for step, (a, e) in enumerate(zip(out.logits, expected)):
+        diff = (a - e).abs().max().item()
+        assert diff <= 1e-5, f"step {step}: {diff}"
+    assert {layer_cache.keys.shape[2] for layer_cache in cache.layers} == {cache.get_physical_length()}
+
+
+def test_derived_schedule_scales_the_authors_layers_and_hits_the_target():
+    from sparse_cache.select import derive_schedule, layer_average_ratio
+
+    for layers, expected in ((32, [2, 6, 15]), (28, [2, 5, 13]), (36, [2, 7, 17]), (4, [0, 1, 2])):
+        schedule = derive_schedule(0.4, layers)
+        assert [layer for layer, _ in schedule] == expected
+        ratios = [r for _, r in schedule]
+        assert ratios == sorted(ratios, reverse=True) and all(0 < r <= 1 for r in ratios)
+        assert abs(layer_average_ratio(schedule, layers) - 0.4) < 1e-9
+    # the authors' own budgets (300/200/110 of 576 after layers 2/6/15 of 32) for their "192 tokens"
+    authors = [(2, 300 / 576), (6, 200 / 576), (15, 110 / 576)]
+    target = layer_average_ratio(authors, 32)
+    derived = derive_schedule(target, 32)
+    assert [layer for layer, _ in derived] == [2, 6, 15]
+    assert [r for _, r in derived] == pytest.approx([r for _, r in authors])
+    with pytest.raises(ValueError, match="below what pruning after layer 2"):
+        derive_schedule(0.05, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(schedule=[(2, 0.5), (1, 0.25)]), "increasing"),
+        (dict(schedule=[(1, 0.25), (2, 0.5)]), "must not increase"),
+        (dict(schedule=[(1, 1.5)]), "keep_ratio"),
+        (dict(schedule=[(9, 0.5)]), "0..3"),
+        (dict(schedule=[(1, 0.5)], keep_ratio=0.5), "leave keep_ratio"),
+        (dict(schedule="pyramid", keep_ratio=0.5), "unknown schedule"),
+        (dict(schedule="sparsevlm", keep_tokens=8), "derives its stages from keep_ratio"),
+    ],
+)
+def test_bad_schedules_are_refused(sdpa_model, kwargs, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        PrunableDynamicCache(sdpa_model, mode="in-prefill", **kwargs)
+    if "schedule" in kwargs and "keep_ratio" not in kwargs and "keep_tokens" not in kwargs:
+        with pytest.raises(ValueError, match="mode='in-prefill'"):
+            PrunableDynamicCache(sdpa_model, schedule=[(1, 0.5)])
+
+
+def test_sparsevlm_schedule_from_equivalent_ratio_runs_exactly(sdpa_model, batch_inputs):
+    cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.6, mode="in-prefill", schedule="sparsevlm")
+    assert [layer for layer, _ in cache.schedule] == [0, 1, 2]
+    out = sdpa_model.generate(**batch_inputs, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, **GREEDY)
+    stages = [(layer, kept) for (layer, _), kept in zip(cache.schedule, cache.stage_kept_visual_positions)]
+    prompt_len = batch_inputs["input_ids"].shape[1]
+    expected = in_prefill_reference_logits(
+        sdpa_model, batch_inputs, stages, out.sequences[:, prompt_len:], visual_ids(sdpa_model)
+    )
+    for a, e in zip(out.logits, expected):
+        assert (a - e).abs().max() <= 1e-5

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from .base import Scorer, ScoringContext
+from .cdpruner import CDPrunerScorer
+from .cosine import CosineScorer
+from .dart import DartScorer
+from .divprune import DivPruneScorer
 from .fastv import FastVScorer
 from .random import RandomScorer
 from .sparsevlm import SparseVLMScorer, select_raters
+from .uniform import UniformScorer
 
 SCORERS: dict[str, type[Scorer]] = {
     SparseVLMScorer.name: SparseVLMScorer,
     FastVScorer.name: FastVScorer,
     RandomScorer.name: RandomScorer,
+    UniformScorer.name: UniformScorer,
+    CosineScorer.name: CosineScorer,
+    DivPruneScorer.name: DivPruneScorer,
+    CDPrunerScorer.name: CDPrunerScorer,
+    DartScorer.name: DartScorer,
 }
 
 
@@ -29,4 +39,5 @@ def get_scorer(scorer: str | Scorer) -> Scorer:
 
 
 __all__ = ["SCORERS", "Scorer", "ScoringContext", "get_scorer", "select_raters", "SparseVLMScorer",
-           "FastVScorer", "RandomScorer"]
+           "FastVScorer", "RandomScorer", "UniformScorer", "CosineScorer", "DivPruneScorer", "CDPrunerScorer",
+           "DartScorer"]

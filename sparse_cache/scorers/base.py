@@ -38,6 +38,9 @@ class ScoringContext:
         key_valid: ``(B, P + S)`` bool, False for padding columns of the physical cache.
         past_length: ``P``, physical cache entries before this forward.
         generator: a seeded ``torch.Generator`` for stochastic scorers.
+        extras: scratch space shared by the stages of one forward (e.g. SparseVLM's raters).
+        original_positions: ``(B, S_cur)`` at a later stage of a progressive schedule, the position in
+            this forward's tokens behind each current slot (``None`` at the first stage).
     """
 
     inputs_embeds: torch.Tensor
@@ -56,6 +59,7 @@ class ScoringContext:
     past_length: int = 0
     generator: torch.Generator | None = None
     extras: dict = field(default_factory=dict)
+    original_positions: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -8,7 +8,8 @@ Based on "SparseVLM: Visual Token Sparsification for Efficient Vision-Language M
    none qualifies (a tiny prompt such as "Describe this image."), all of them rate: the authors'
    code has no such fallback and yields NaN scores.
 2. Score of a visual token: the raters' attention to it at the scoring layer, averaged over heads
-   and raters.
+   and raters. With a progressive schedule (in-prefill mode) the same raters score the surviving
+   tokens again at each pruning layer.
 """
 
 from __future__ import annotations
@@ -47,8 +48,15 @@ class SparseVLMScorer(Scorer):
                 scores.append(None)  # nothing to rate with: the cache keeps this row's visual tokens
                 continue
             embeds = context.inputs_embeds[row]
-            raters = text[select_raters(embeds[visual], embeds[text]).to(text.device)]
-            context.extras.setdefault("raters", {})[row] = raters
+            chosen = context.extras.setdefault("raters", {})
+            if context.original_positions is None or row not in chosen:
+                raters = text[select_raters(embeds[visual], embeds[text]).to(text.device)]
+                chosen[row] = raters  # positions in this forward's tokens (first stage)
+            else:
+                # later stage of a progressive schedule: the raters chosen before the decoder rate again
+                current = context.original_positions[row].to(text.device)
+                is_rater = torch.isin(current, chosen[row]) & context.token_valid[row].to(text.device)
+                raters = torch.nonzero(is_rater, as_tuple=False).flatten()
             probs = context.attention_to_visual(row, raters)  # (H, R, N_v)
             scores.append(probs.mean(dim=(0, 1)))
         return scores
