@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from . import hooks
 from ._compat import TEXT_FORWARD_ARGS, VLM_FORWARD_ARGS, adapt, get_arg, rope_tables, set_arg
 from .scorers import Scorer, ScoringContext, get_scorer
-from .select import derive_schedule, select_visual, validate_budget, validate_schedule
+from .select import adaptive_keep_count, derive_schedule, select_visual, validate_budget, validate_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,20 @@ class PrunableDynamicCache(DynamicCache):
         scoring_layer: decoder layer whose attention scores the tokens; defaults to the scorer's own
             (2 for SparseVLM, 1 for FastV, none for random).
         seed: seed of the generator handed to stochastic scorers (default 0).
+        adaptive_scale: SparseVLM's rank-based budget (paper section 3.2) instead of keep_ratio/keep_tokens:
+            each image keeps ``n - round(adaptive_scale * (n - rank(P)))`` tokens, ``P`` being the raters'
+            head-averaged attention to its visual tokens (scorers ``sparsevlm``/``sparsevlm_plus``).
         mode: ``"post-prefill"`` (default): the prefill computes every token and the cache is compacted
             right after it. ``"in-prefill"``: right after the scoring layer its output keeps only the kept
             visual tokens plus all text, so the later layers of the prefill compute fewer tokens (with
             their original positions); the earlier layers' caches are compacted to the same set at the
             end of the prefill. In this mode a prefill forward returns logits for the kept tokens only
             (``generate`` reads the last one).
+        schedule: in-prefill only, a progressive schedule: ``"sparsevlm"`` derives the authors' three
+            pruning layers (2/6/15 of 32, scaled to the model's depth) and budgets so that the average
+            over layers of the visual tokens computed is ``keep_ratio``; or an explicit
+            ``[(layer, keep_ratio_after_it), ...]`` (ratios of each image's own count, non-increasing;
+            leave keep_ratio unset). Every layer's cache ends with the last stage's set.
 
     After a call, per batch row (following beam reordering):
         kept_visual_positions: ascending positions, in that row of the ``input_ids`` given to
@@ -111,11 +119,20 @@ class PrunableDynamicCache(DynamicCache):
         seed: int = 0,
         mode: str = "post-prefill",
         schedule: str | list[tuple[int, float]] | None = None,
+        adaptive_scale: float | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode: unknown mode {mode!r}; valid modes are {MODES}")
         explicit_schedule = schedule is not None and not isinstance(schedule, str)
-        if explicit_schedule:
+        if adaptive_scale is not None:
+            if isinstance(adaptive_scale, bool) or not isinstance(adaptive_scale, (int, float)) or not adaptive_scale > 0:
+                raise ValueError(f"adaptive_scale: expected a number > 0 (SparseVLM's lambda), got {adaptive_scale!r}")
+            if keep_ratio is not None or keep_tokens is not None or schedule is not None:
+                raise ValueError(
+                    "adaptive_scale: the rank-based budget sets how many tokens each image keeps; leave keep_ratio, "
+                    "keep_tokens and schedule unset"
+                )
+        elif explicit_schedule:
             if keep_ratio is not None or keep_tokens is not None:
                 raise ValueError(
                     "schedule: an explicit schedule sets every stage's keep ratio; leave keep_ratio and "
@@ -141,6 +158,12 @@ class PrunableDynamicCache(DynamicCache):
         self.scoring_layer = scoring_layer
         self.seed = seed
         self.mode = mode
+        self.adaptive_scale = adaptive_scale
+        if adaptive_scale is not None and not getattr(self.scorer, "provides_rater_attention", False):
+            raise ValueError(
+                f"adaptive_scale: the rank-based budget needs the raters' attention, which scorer "
+                f"{self.scorer.name!r} does not compute; use scorer='sparsevlm' or 'sparsevlm_plus'"
+            )
         self.schedule = None
         if schedule is not None:
             if mode != "in-prefill":
@@ -572,7 +595,14 @@ class PrunableDynamicCache(DynamicCache):
                 scores = scores.float().to(visual.device)
                 ids, counts = torch.unique_consecutive(p.visual_blocks[row], return_counts=True)
                 reference = {int(b): int(c) for b, c in zip(ids, counts)}
-                kept_idx = select_visual(scores, blocks, keep_ratio, keep_tokens, reference)
+                budgets = None
+                if self.adaptive_scale is not None:
+                    attention = p.extras["rater_attention"][row]  # (raters, candidates)
+                    budgets = {
+                        int(b): adaptive_keep_count(attention[:, blocks == b], self.adaptive_scale)
+                        for b in torch.unique_consecutive(blocks)
+                    }
+                kept_idx = select_visual(scores, blocks, keep_ratio, keep_tokens, reference, budgets)
                 if keep_tokens is not None:
                     for block, count in reference.items():
                         if count < keep_tokens:

@@ -39,6 +39,21 @@ def budget(num_visual: int, keep_ratio: float | None, keep_tokens: int | None) -
     return min(num_visual, int(keep_tokens))
 
 
+def adaptive_keep_count(rater_attention: torch.Tensor, scale: float) -> int:
+    """Tokens to keep under SparseVLM's rank-based budget (paper section 3.2).
+
+    ``P`` (raters x visual tokens) with a low rank means redundant visual tokens: prune
+    ``N = scale * (n - rank(P))`` of the ``n`` tokens and keep the rest (at least one). The rank is computed
+    in float32 on the small matrix (rank <= number of raters).
+    """
+    n = rater_attention.shape[-1]
+    if n == 0:
+        return 0
+    rank = int(torch.linalg.matrix_rank(rater_attention.float()))
+    pruned = int(math.floor(scale * (n - rank) + 0.5))
+    return max(1, min(n, n - pruned))
+
+
 def top_k_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores, in ascending index order; ties go to the earlier token."""
     if k >= scores.numel():
@@ -53,6 +68,7 @@ def select_visual(
     keep_ratio: float | None,
     keep_tokens: int | None,
     reference_counts: dict[int, int] | None = None,
+    block_budgets: dict[int, int] | None = None,
 ) -> torch.Tensor:
     """Indices (into the row's visual tokens) kept: the top-scored of each block (image or video).
 
@@ -61,12 +77,16 @@ def select_visual(
         block_ids: ``(N_v,)`` which image/video each visual token belongs to (non-decreasing).
         reference_counts: block -> token count the budget is relative to (an image's original count
             when a progressive schedule scores survivors of an earlier stage); default: the members.
+        block_budgets: block -> number to keep, overriding the ratio (the adaptive budget).
     """
     kept = []
     for block in torch.unique_consecutive(block_ids):
         members = torch.nonzero(block_ids == block, as_tuple=False).flatten()
         reference = members.numel() if reference_counts is None else reference_counts[int(block)]
-        k = min(members.numel(), budget(reference, keep_ratio, keep_tokens))
+        if block_budgets is not None:
+            k = min(members.numel(), block_budgets[int(block)])
+        else:
+            k = min(members.numel(), budget(reference, keep_ratio, keep_tokens))
         kept.append(members[top_k_ascending(scores[members], k)])
     if not kept:
         return torch.zeros(0, dtype=torch.long, device=scores.device)

@@ -126,3 +126,18 @@ def test_sparsevlm_schedule_from_equivalent_ratio_runs_exactly(sdpa_model, batch
     )
     for a, e in zip(out.logits, expected):
         assert (a - e).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("scorer", sorted(__import__("sparse_cache").SCORERS))
+def test_every_scorer_in_a_progressive_schedule_matches_reference(sdpa_model, batch_inputs, scorer):
+    schedule = [(1, 0.5), (2, 0.25)]
+    cache = PrunableDynamicCache(sdpa_model, mode="in-prefill", schedule=schedule, scorer=scorer)
+    out = sdpa_model.generate(**batch_inputs, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, **GREEDY)
+    assert [k.numel() for k in cache.kept_visual_positions] == [12, 4]
+    stages = [(layer, kept) for (layer, _), kept in zip(schedule, cache.stage_kept_visual_positions)]
+    prompt_len = batch_inputs["input_ids"].shape[1]
+    expected = in_prefill_reference_logits(
+        sdpa_model, batch_inputs, stages, out.sequences[:, prompt_len:], visual_ids(sdpa_model)
+    )
+    for a, e in zip(out.logits, expected):
+        assert (a - e).abs().max() <= 1e-5

@@ -10,10 +10,12 @@ from .divprune import DivPruneScorer
 from .fastv import FastVScorer
 from .random import RandomScorer
 from .sparsevlm import SparseVLMScorer, select_raters
+from .sparsevlm_plus import SparseVLMPlusScorer
 from .uniform import UniformScorer
 
 SCORERS: dict[str, type[Scorer]] = {
     SparseVLMScorer.name: SparseVLMScorer,
+    SparseVLMPlusScorer.name: SparseVLMPlusScorer,
     FastVScorer.name: FastVScorer,
     RandomScorer.name: RandomScorer,
     UniformScorer.name: UniformScorer,

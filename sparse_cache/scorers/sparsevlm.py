@@ -33,30 +33,40 @@ def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> tor
     return raters
 
 
+def raters_of_row(context: ScoringContext, row: int) -> torch.Tensor:
+    """Positions (in the context's slots) of the row's text raters; chosen once per forward.
+
+    At the first stage they are selected from the decoder input embeddings; at a later stage of a
+    progressive schedule the same tokens rate again, wherever they now sit.
+    """
+    visual = context.visual_positions[row]
+    text = context.text_positions[row]
+    chosen = context.extras.setdefault("raters", {})
+    if context.original_positions is None or row not in chosen:
+        embeds = context.inputs_embeds[row]
+        raters = text[select_raters(embeds[visual], embeds[text]).to(text.device)]
+        chosen[row] = raters  # positions in this forward's tokens (first stage)
+        return raters
+    current = context.original_positions[row].to(text.device)
+    is_rater = torch.isin(current, chosen[row]) & context.token_valid[row].to(text.device)
+    return torch.nonzero(is_rater, as_tuple=False).flatten()
+
+
 class SparseVLMScorer(Scorer):
     """Text-guided scores: attention from the selected text raters to each visual token."""
 
     name = "sparsevlm"
     default_layer = 2
+    #: stores ``extras["rater_attention"][row]`` (raters x visual, head-averaged) for the adaptive budget
+    provides_rater_attention = True
 
     def score(self, context: ScoringContext) -> list[torch.Tensor | None]:
         scores = []
         for row in range(context.batch_size):
-            visual = context.visual_positions[row]
-            text = context.text_positions[row]
-            if visual.numel() == 0 or text.numel() == 0:
+            if context.visual_positions[row].numel() == 0 or context.text_positions[row].numel() == 0:
                 scores.append(None)  # nothing to rate with: the cache keeps this row's visual tokens
                 continue
-            embeds = context.inputs_embeds[row]
-            chosen = context.extras.setdefault("raters", {})
-            if context.original_positions is None or row not in chosen:
-                raters = text[select_raters(embeds[visual], embeds[text]).to(text.device)]
-                chosen[row] = raters  # positions in this forward's tokens (first stage)
-            else:
-                # later stage of a progressive schedule: the raters chosen before the decoder rate again
-                current = context.original_positions[row].to(text.device)
-                is_rater = torch.isin(current, chosen[row]) & context.token_valid[row].to(text.device)
-                raters = torch.nonzero(is_rater, as_tuple=False).flatten()
-            probs = context.attention_to_visual(row, raters)  # (H, R, N_v)
-            scores.append(probs.mean(dim=(0, 1)))
+            probs = context.attention_to_visual(row, raters_of_row(context, row)).mean(dim=0)  # (R, N_v)
+            context.extras.setdefault("rater_attention", {})[row] = probs
+            scores.append(probs.mean(dim=0))
         return scores
