@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from . import hooks
 from ._compat import TEXT_FORWARD_ARGS, VLM_FORWARD_ARGS, adapt, get_arg, rope_tables, set_arg
 from .scorers import Scorer, ScoringContext, get_scorer
+from .recycle import cluster_count, density_peak_clusters, recycled_candidates
 from .select import adaptive_keep_count, derive_schedule, select_visual, validate_budget, validate_schedule
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class _Pass:
     valid: torch.Tensor | None = None  # (B, S_cur) validity of the current slots
     survivors: list[torch.Tensor] | None = None  # per row, bool over visual_positions: still computed
     cuts: list = field(default_factory=list)  # (index, valid, layer) after each in-prefill stage
+    recycled: list = field(default_factory=list)  # (row, final slot, member tokens) of recycled tokens
     extras: dict = field(default_factory=dict)
 
 
@@ -120,6 +122,7 @@ class PrunableDynamicCache(DynamicCache):
         mode: str = "post-prefill",
         schedule: str | list[tuple[int, float]] | None = None,
         adaptive_scale: float | None = None,
+        recycle: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode: unknown mode {mode!r}; valid modes are {MODES}")
@@ -159,6 +162,12 @@ class PrunableDynamicCache(DynamicCache):
         self.seed = seed
         self.mode = mode
         self.adaptive_scale = adaptive_scale
+        if recycle and mode != "in-prefill":
+            raise ValueError(
+                "recycle: recycled tokens are new hidden states that only the layers after the pruning layer can "
+                "compute; pass mode='in-prefill'"
+            )
+        self.recycle = bool(recycle)
         if adaptive_scale is not None and not getattr(self.scorer, "provides_rater_attention", False):
             raise ValueError(
                 f"adaptive_scale: the rank-based budget needs the raters' attention, which scorer "
@@ -186,6 +195,8 @@ class PrunableDynamicCache(DynamicCache):
         )
         #: per stage of the last pruning forward, per row: the visual positions still computed after it
         self.stage_kept_visual_positions: list[list[torch.Tensor]] = []
+        #: with ``recycle=True``, per row: ``(representative position, member positions)`` of each recycled token
+        self.recycled_groups: list[list[tuple[int, torch.Tensor]]] = []
         if mode == "in-prefill" and scoring_layer is None:
             raise ValueError(
                 f"mode: 'in-prefill' prunes after a scoring layer, but scorer {self.scorer.name!r} has none; "
@@ -710,7 +721,12 @@ class PrunableDynamicCache(DynamicCache):
             slots_valid = (p.valid if p.index is not None else p.token_valid).clone()
             for row, keep in enumerate(keeps):
                 slots_valid[row, p.context.visual_positions[row].to(slots_valid.device)[~keep]] = False
-            local, valid = _left_packed(slots_valid)
+            overrides = []
+            if self.recycle and p.stage == len(self._stage_layers) - 1:
+                plan = self._recycle_plan(p, keeps, hidden)
+                local, valid, overrides = _packed_with_recycled(slots_valid, plan)
+            else:
+                local, valid = _left_packed(slots_valid)
             index = local if p.index is None else p.index.gather(1, local)
             past = p.key_valid.shape[1] - p.seq_len
             p.cuts.append((index, valid, layer))
@@ -723,8 +739,59 @@ class PrunableDynamicCache(DynamicCache):
             p.scores = None
         width = hidden.shape[1]
         hidden = hidden.gather(1, local.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        if overrides:
+            hidden = hidden.clone()
+            self.recycled_groups = [[] for _ in range(hidden.shape[0])]
+            for row, slot, vector, members in overrides:
+                hidden[row, slot] = vector.to(hidden.dtype)
+                originals = members.to(index.device) if len(p.cuts) == 1 else p.cuts[-2][0][row, members.to(index.device)]
+                p.recycled.append((row, slot, originals))
+                self.recycled_groups[row].append(
+                    (int(index[row, slot]) + p.past_logical, originals.sort().values + p.past_logical)
+                )
         logger.debug("in-prefill: layer %d output cut from %d to %d tokens per row", layer, width, hidden.shape[1])
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    def _recycle_plan(self, p: _Pass, keeps: list[torch.Tensor], hidden: torch.Tensor) -> list[dict]:
+        """Per row: after which slot each image's recycled tokens go, and their representative/members.
+
+        Of an image's pruned tokens, the best-scored 30% (+1) are clustered by density-peak clustering on
+        their hidden states (the pruning layer's output); each cluster becomes one token: the mean hidden
+        state, at the 3-D position of its best-scored member (the representative), placed right after the
+        image's last kept token.
+        """
+        plan = []
+        for row, keep in enumerate(keeps):
+            row_plan: dict[int, list] = {}
+            scores = p.scores[row]
+            slots = p.context.visual_positions[row]
+            if scores is None or slots.numel() == 0:
+                plan.append(row_plan)
+                continue
+            blocks = p.context.visual_blocks[row].to(slots.device)
+            scores = scores.float().to(slots.device)
+            for block in torch.unique_consecutive(blocks):
+                in_block = blocks == block
+                dropped = torch.nonzero(in_block & ~keep, as_tuple=False).flatten()
+                kept = torch.nonzero(in_block & keep, as_tuple=False).flatten()
+                m = recycled_candidates(dropped.numel())
+                if m == 0 or kept.numel() == 0:
+                    continue
+                best = dropped[torch.argsort(scores[dropped], descending=True, stable=True)[:m]]
+                member_slots = slots[best].to(hidden.device)
+                labels = density_peak_clusters(hidden[row, member_slots].float(), cluster_count(m))
+                groups = []
+                for cluster in range(int(labels.max()) + 1):
+                    members = best[(labels == cluster).to(best.device)]
+                    if members.numel() == 0:
+                        continue
+                    representative = members[torch.argmax(scores[members])]
+                    member_slots = slots[members]
+                    vector = hidden[row, member_slots.to(hidden.device)].float().mean(dim=0)
+                    groups.append((int(slots[representative]), member_slots, vector))
+                row_plan[int(slots[kept].max())] = groups
+            plan.append(row_plan)
+        return plan
 
     def _in_prefill_mask(self, p: _Pass, valid: torch.Tensor, past: int, hidden: torch.Tensor):
         """4-D mask of the kept layout: past valid columns, causal over the kept tokens, pads masked."""
@@ -756,19 +823,60 @@ class PrunableDynamicCache(DynamicCache):
         layouts = [(None, None)] + [(index, valid) for index, valid, _ in p.cuts[:-1]]
         for (index, valid), (_, _, last_layer) in zip(layouts, p.cuts):
             if index is None:
-                local = final_index
+                slot_of = torch.arange(p.seq_len, device=final_index.device).expand(batch, -1)
             else:
                 slot_of = torch.full((batch, p.seq_len), 0, dtype=torch.long, device=index.device)
                 for row in range(batch):
                     slots = torch.nonzero(valid[row], as_tuple=False).flatten()
                     slot_of[row, index[row, slots]] = slots
-                local = slot_of.gather(1, final_index)
-            self._gather_layers(torch.cat([past_columns, local + past], 1), self.layers[group_start : last_layer + 1])
+            local = slot_of.gather(1, final_index)
+            group = self.layers[group_start : last_layer + 1]
+            # recycled tokens never ran through these layers: they hold the mean of their members' entries
+            means = [
+                [(row, slot, layer.keys[row, :, past + slot_of[row, members]].mean(-2),
+                  layer.values[row, :, past + slot_of[row, members]].mean(-2)) for row, slot, members in p.recycled]
+                for layer in group
+            ]
+            self._gather_layers(torch.cat([past_columns, local + past], 1), group)
+            for layer, layer_means in zip(group, means):
+                for row, slot, key, value in layer_means:
+                    layer.keys[row, :, past + slot] = key
+                    layer.values[row, :, past + slot] = value
             group_start = last_layer + 1
         full_index = torch.cat([past_columns, final_index + past], dim=1)
         columns = self._column_positions(p, final_index.device).gather(1, full_index)
         new_mask = torch.cat([p.key_valid[:, :past].to(final_valid.device), final_valid], dim=1)
-        self._set_prefix(p, new_mask, columns.masked_fill(~new_mask, -1))
+        columns = columns.masked_fill(~new_mask, -1)
+        for row, slot, _ in p.recycled:
+            columns[row, past + slot] = -2  # a recycled token: no logical token of its own
+        self._set_prefix(p, new_mask, columns)
+
+
+def _packed_with_recycled(slots_valid: torch.Tensor, plan: list[dict]):
+    """Like :func:`_left_packed`, with each image's recycled tokens inserted after its last kept slot.
+
+    A recycled slot points at its representative (for RoPE); returns the gather index, validity and
+    ``(row, new slot, mean hidden state, member slots)`` for every recycled token.
+    """
+    rows, overrides = [], []
+    for row in range(slots_valid.shape[0]):
+        entries = []
+        for slot in torch.nonzero(slots_valid[row], as_tuple=False).flatten().tolist():
+            entries.append(slot)
+            for representative, members, vector in plan[row].get(slot, []):
+                overrides.append([row, len(entries), vector, members])
+                entries.append(representative)
+        rows.append(entries)
+    width = max((len(e) for e in rows), default=0)
+    index = torch.zeros(len(rows), width, dtype=torch.long, device=slots_valid.device)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=slots_valid.device)
+    for row, entries in enumerate(rows):
+        start = width - len(entries)
+        index[row, start:] = torch.tensor(entries, dtype=torch.long, device=slots_valid.device)
+        valid[row, start:] = True
+    for item in overrides:
+        item[1] += width - len(rows[item[0]])
+    return index, valid, [tuple(item) for item in overrides]
 
 
 def _gather_sequence(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

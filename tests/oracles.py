@@ -143,7 +143,7 @@ def _gather_rope(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_ids):
+def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_ids, recycled=None):
     """Oracle 5, built by hand from the model's own modules (no library code).
 
     ``stages`` is ``[(layer, kept_positions_per_row), ...]``: layers up to the first pruning layer run on
@@ -151,6 +151,11 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
     row's tokens in original order, rows left-padded), with their original positions. At the end every
     layer's cache keeps the last stage's set; decode steps attend, at every layer, to those tokens and
     earlier decoded ones. Returns the per-step next-token logits for ``new_tokens`` (teacher forcing).
+
+    ``recycled`` (per row, ``[(representative, members), ...]``, as the cache reports its clusters): after
+    the last pruning layer, each group becomes one token right after the last kept token of its image,
+    with the mean hidden state of its members at the representative's position; layers that ran before
+    it hold the mean of the members' keys and values.
     """
     text_model = model.model.language_model
     layers = text_model.layers
@@ -202,15 +207,41 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
         for row in range(batch):
             is_dropped_visual = visual[row, current[row]] & ~torch.isin(current[row], kept_positions[row])
             keep[row] &= ~is_dropped_visual
-        width = int(keep.sum(1).max())
-        local = torch.zeros(batch, width, dtype=torch.long)
-        new_valid = torch.zeros(batch, width, dtype=torch.bool)
+        last_stage = stage == len(stages) - 1
+        run = torch.cumsum((visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]).long(), 1)  # image id
+        rows = []  # per row: (slot or None, token behind it, members if recycled)
         for row in range(batch):
-            cols = torch.nonzero(keep[row]).flatten()
-            local[row, width - cols.numel():] = cols
-            new_valid[row, width - cols.numel():] = True
-        hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
-        current, current_valid = current.gather(1, local), new_valid
+            entries = []
+            kept_cols = torch.nonzero(keep[row]).flatten().tolist()
+            for col in kept_cols:
+                token = int(current[row, col])
+                entries.append((col, token, None))
+                if last_stage and recycled and visual[row, token]:
+                    later = [c for c in kept_cols if c > col and visual[row, int(current[row, c])]
+                             and run[row, int(current[row, c])] == run[row, token]]
+                    if not later:  # last kept token of its image: its recycled tokens follow
+                        for representative, members in recycled[row]:
+                            if run[row, representative] == run[row, token]:
+                                entries.append((None, int(representative), members))
+            rows.append(entries)
+        width = max(len(e) for e in rows)
+        new_hidden = torch.zeros(batch, width, hidden.shape[-1], dtype=hidden.dtype)
+        new_current = torch.zeros(batch, width, dtype=torch.long)
+        new_valid = torch.zeros(batch, width, dtype=torch.bool)
+        recycled_slots = []
+        for row, entries in enumerate(rows):
+            offset = width - len(entries)
+            for j, (col, token, members) in enumerate(entries):
+                if col is None:
+                    member_cols = torch.nonzero(torch.isin(current[row], members) & current_valid[row]).flatten()
+                    new_hidden[row, offset + j] = hidden[row, member_cols].float().mean(0).to(hidden.dtype)
+                    recycled_slots.append((row, offset + j, members))
+                else:
+                    new_hidden[row, offset + j] = hidden[row, col]
+                new_current[row, offset + j] = token
+                new_valid[row, offset + j] = True
+        hidden = new_hidden
+        current, current_valid = new_current, new_valid
         rope = (_gather_rope(cos, current), _gather_rope(sin, current))
         mask = _attention_mask(causal(current_valid), model, dtype)
     # every layer's cache keeps the last stage's tokens, in the final slot order
@@ -221,7 +252,13 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
             pick[row] = torch.tensor([where.get(int(t), 0) for t in current[row].tolist()])
         for name in ("keys", "values"):
             t = getattr(caches[i].layers[i], name)
-            setattr(caches[i].layers[i], name, t.gather(2, pick[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])))
+            gathered = t.gather(2, pick[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+            if i <= stages[-1][0]:  # recycled tokens did not exist in this layer: mean of their members
+                for row, slot, members in (recycled_slots if recycled else []):
+                    member_slots = [j for j, tok in enumerate(slots[row].tolist())
+                                    if slots_valid[row, j] and tok in set(members.tolist())]
+                    gathered[row, :, slot] = t[row, :, member_slots].mean(-2)
+            setattr(caches[i].layers[i], name, gathered)
     kept_valid = current_valid
     logits = [model.lm_head(text_model.norm(hidden))[:, -1].float()]
     past_valid = kept_valid

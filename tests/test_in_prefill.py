@@ -141,3 +141,56 @@ def test_every_scorer_in_a_progressive_schedule_matches_reference(sdpa_model, ba
     )
     for a, e in zip(out.logits, expected):
         assert (a - e).abs().max() <= 1e-5
+
+
+def test_density_peak_clusters_recover_separated_blobs():
+    from sparse_cache.recycle import cluster_count, density_peak_clusters, recycled_candidates
+
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + 0.3 * torch.randn(7, 2) for c in centres])
+    labels = density_peak_clusters(points, 3)
+    for blob in range(3):
+        members = labels[blob * 7 : (blob + 1) * 7]
+        assert (members == members[0]).all()
+    assert len(set(labels.tolist())) == 3
+    # one cluster: everything together; the counts follow the paper's rule
+    assert (density_peak_clusters(points, 1) == 0).all()
+    assert recycled_candidates(36) == 11 and cluster_count(11) == 2
+    assert recycled_candidates(1) == 1 and recycled_candidates(0) == 0 and cluster_count(9) == 1
+
+
+@pytest.mark.parametrize("which", ["single", "batch"])
+def test_recycling_matches_hand_built_reference(model, single_inputs, batch_inputs, which):
+    inputs = single_inputs if which == "single" else batch_inputs
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, mode="in-prefill", recycle=True)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    groups = cache.recycled_groups
+    ids = inputs["input_ids"]
+    for row, row_groups in enumerate(groups):
+        n_visual = int((ids[row] == model.config.image_token_id).sum())
+        pruned = n_visual - cache.kept_visual_positions[row].numel()
+        members = torch.cat([m for _, m in row_groups])
+        assert members.numel() == int(0.3 * pruned) + 1  # the best-scored 30% (+1) of the pruned tokens
+        assert not torch.isin(members, cache.kept_visual_positions[row]).any()
+        assert len(row_groups) == members.numel() // 10 + 1
+    # physical length: kept + text + one entry per recycled token
+    assert cache.get_physical_length() == int(
+        (inputs["attention_mask"].sum(1) - (ids == model.config.image_token_id).sum(1)
+         + torch.tensor([k.numel() + len(g) for k, g in zip(cache.kept_visual_positions, groups)])).max()
+    ) + NEW - 1
+    prompt_len = ids.shape[1]
+    recycled = [[(rep, members) for rep, members in row_groups] for row_groups in groups]
+    expected = in_prefill_reference_logits(
+        model, inputs, [(2, cache.kept_visual_positions)], out.sequences[:, prompt_len:], visual_ids(model), recycled
+    )
+    for step, (a, e) in enumerate(zip(out.logits, expected)):
+        assert (a - e).abs().max() <= 1e-5, f"step {step}"
+    plain = PrunableDynamicCache(model, keep_ratio=0.25, mode="in-prefill")
+    without = model.generate(**inputs, past_key_values=plain, max_new_tokens=1, **GREEDY)
+    assert (without.logits[0] - out.logits[0]).abs().max() > 1e-4  # recycling changes the answer distribution
+
+
+def test_recycling_needs_in_prefill_mode(sdpa_model):
+    with pytest.raises(ValueError, match="mode='in-prefill'"):
+        PrunableDynamicCache(sdpa_model, keep_ratio=0.25, recycle=True)
