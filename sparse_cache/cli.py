@@ -1,0 +1,676 @@
+"""``sparse-cache``: try visual token pruning on one image from the command line.
+
+::
+
+    sparse-cache generate                                   # toy VLM on one of its own task images
+    sparse-cache generate --image photo.jpg --prompt "What is on the table?" --keep-ratio 0.25 \\
+        --model Qwen/Qwen2.5-VL-3B-Instruct --overlay kept.png --compare
+
+Prints the answer, how many visual tokens were kept, and the prefill and decode times; ``--compare``
+also runs the unpruned model in the same process and reports the speed-ups. Errors a user can act on
+(a missing or unreadable image, a model that is not a Qwen2.5-VL, ...) are one line on stderr and a
+non-zero exit status; ``--debug`` shows tracebacks and the library's debug log.
+
+Timing: ``prefill`` is the wall time of the model's first forward inside ``generate`` (vision tower,
+the whole prompt, and with pruning the scoring and the cache compaction, which happen inside it);
+``decode`` is the rest of ``generate``, i.e. the following one-token steps. An untimed pruned and unpruned
+``generate`` warm the model up first; CUDA is synchronised around every timestamp; ``--repeats N`` reports
+the median of N runs (pruned and unpruned runs alternate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from collections.abc import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PROG = "sparse-cache"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_KEEP_RATIO = 0.25
+DEFAULT_PROMPT = "Describe this image."
+SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
+EXAMPLE_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CLIError(Exception):
+    """An error the user can act on: shown as one line on stderr (traceback only with ``--debug``)."""
+
+
+class _UsageError(Exception):
+    """A command-line syntax error raised by the parser instead of printing usage and exiting."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block + exit
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+def _keep_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not (0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .cache import MODES
+    from .scorers import SCORERS
+
+    parser = _Parser(prog=PROG, description="Training-free visual token pruning for Qwen2.5-VL.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    gen = commands.add_parser(
+        "generate",
+        help="answer a prompt about one image with a pruned KV cache",
+        description=(
+            "Answer a prompt about one image with a PrunableDynamicCache and report the visual tokens kept "
+            "and the prefill/decode times. Without --image, a synthetic test image is used (for the default "
+            "toy model, one of its task images with a matching question)."
+        ),
+    )
+    gen.add_argument("--image", metavar="PATH", help="image file (default: a synthetic test image)")
+    gen.add_argument(
+        "--prompt", help=f"question about the image (default: the toy task's question, else {DEFAULT_PROMPT!r})"
+    )
+    budget = gen.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--keep-ratio", type=_keep_ratio, metavar="R",
+        help=f"fraction of the image's visual tokens to keep, in (0, 1] (default {DEFAULT_KEEP_RATIO})",
+    )
+    budget.add_argument("--keep-tokens", type=_positive_int, metavar="N", help="number of visual tokens to keep")
+    budget.add_argument(
+        "--adaptive-scale", type=_positive_float, metavar="LAMBDA",
+        help="SparseVLM's rank-based budget instead of a fixed one (scorers sparsevlm, sparsevlm_plus)",
+    )
+    gen.add_argument(
+        "--model", metavar="ID_OR_PATH",
+        help=f"Qwen2.5-VL Hub id or local directory, e.g. {EXAMPLE_MODEL} (default: the bundled toy VLM, offline)",
+    )
+    gen.add_argument("--scorer", default="sparsevlm", choices=sorted(SCORERS), help="token scorer (default sparsevlm)")
+    gen.add_argument(
+        "--scoring-layer", type=_non_negative_int, metavar="L", help="decoder layer that scores (default: the scorer's)"
+    )
+    gen.add_argument(
+        "--mode", default=MODES[0], choices=MODES,
+        help=f"{MODES[0]}: compact the cache after the prefill (default); in-prefill: later prefill layers "
+        "already compute only the kept tokens",
+    )
+    gen.add_argument(
+        "--schedule", choices=["sparsevlm"],
+        help="in-prefill only: SparseVLM's progressive 3-stage schedule (layer-average keep ratio: --keep-ratio)",
+    )
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N", help="default 32")
+    gen.add_argument("--overlay", metavar="PATH", help="write the image with pruned tokens dimmed (PNG)")
+    gen.add_argument("--heatmap", metavar="PATH", help="write a heat map of the visual-token scores (PNG)")
+    gen.add_argument("--compare", action="store_true", help="also run unpruned and report the speed-up")
+    gen.add_argument(
+        "--repeats", type=_positive_int, default=1, metavar="N",
+        help="timed runs of each configuration; the median time is reported (default 1)",
+    )
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    gen.add_argument(
+        "--dtype", default="auto", choices=["auto", *_DTYPES],
+        help="weights dtype (default: float32 on cpu and for the toy VLM, bfloat16 on cuda)",
+    )
+    gen.add_argument(
+        "--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation (default: sdpa)"
+    )
+    gen.add_argument(
+        "--seed", type=int, default=0, help="seed of the synthetic image and of random scorers (default: 0)"
+    )
+    gen.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    gen.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    return parser
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device: unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _resolve_dtype(name: str, device: torch.device, toy: bool) -> torch.dtype:
+    if name == "auto":  # the toy VLM was trained in float32 and is tiny: keep it there
+        return torch.bfloat16 if device.type == "cuda" and not toy else torch.float32
+    return _DTYPES[name]
+
+
+def load_image(path: str):
+    """Open ``path`` as an RGB ``PIL.Image`` (EXIF orientation applied), or raise :class:`CLIError`."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not path or not path.strip():
+        raise CLIError("--image: empty path; pass an image file, or leave --image out to use a synthetic test image")
+    if os.path.isdir(path):
+        raise CLIError(f"--image: {path} is a directory, not an image file")
+    if not os.path.exists(path):
+        raise CLIError(f"--image: no such file: {path}")
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image = image.convert("RGB")
+    except UnidentifiedImageError:
+        raise CLIError(f"--image: cannot read {path} as an image (unknown or corrupt format)") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated files, permissions, broken headers
+        raise CLIError(f"--image: cannot read {path}: {_one_line(exc)}") from None
+    return image
+
+
+def _check_output_path(path: str | None, option: str) -> None:
+    """Fail before loading any model if an output image cannot be written there."""
+    if path is None:
+        return
+    from PIL import Image
+
+    if not path.strip() or os.path.isdir(path):
+        raise CLIError(f"{option}: {path!r} is not a file path; pass e.g. {option} kept.png")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"{option}: the folder {parent} does not exist")
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in Image.registered_extensions():
+        raise CLIError(f"{option}: unknown image extension {extension or '(none)'!r} in {path}; use .png")
+
+
+def _chat_inputs(processor, image, prompt: str):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[image], return_tensors="pt")
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: object
+    name: str
+    is_toy: bool
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def load_model(name: str | None, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
+    """The toy VLM (``name=None``) or a Qwen2.5-VL from the Hub or a local directory; :class:`CLIError` if not."""
+    if name is None:
+        try:
+            from .toy import TOY_VLM_PATH, load_toy_vlm
+        except ImportError as exc:
+            raise CLIError(
+                f"the default toy model is not available ({_one_line(exc)}); pass --model ID_OR_PATH, "
+                f"e.g. --model {EXAMPLE_MODEL}"
+            ) from exc
+        try:
+            model, processor = load_toy_vlm(attn_implementation=attn, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"cannot load the toy model from {TOY_VLM_PATH}: {_one_line(exc)}") from exc
+        return LoadedModel(model.to(device).eval(), processor, "toy VLM (sparse_cache.toy)", True)
+
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from . import testing  # noqa: F401  registers the tiny test processor class with AutoProcessor
+
+    expanded = os.path.expanduser(name)
+    if not name.strip():
+        raise CLIError(f"--model: empty name; pass a Hub id or a local directory, e.g. --model {EXAMPLE_MODEL}")
+    if os.path.isfile(expanded):
+        raise CLIError(f"--model: {name} is a file; pass a model directory or a Hub id such as {EXAMPLE_MODEL}")
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise CLIError(
+                f"--model: {name} has no config.json; pass a directory written by save_pretrained or a Hub id "
+                f"such as {EXAMPLE_MODEL}"
+            )
+    elif _looks_like_path(name):
+        raise CLIError(f"--model: no such directory: {name}")
+    try:
+        config = AutoConfig.from_pretrained(expanded)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CLIError(f"--model: cannot load a model config from {name}: {_one_line(exc)}") from exc
+    model_type = getattr(config, "model_type", None)
+    if model_type != SUPPORTED_MODEL_TYPE:
+        raise CLIError(
+            f"--model: {name} is a {model_type!r} model ({type(config).__name__}); sparse-cache supports "
+            f"Qwen2.5-VL checkpoints (model_type {SUPPORTED_MODEL_TYPE!r}), e.g. {EXAMPLE_MODEL}"
+        )
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(expanded, dtype=dtype, attn_implementation=attn)
+        processor = AutoProcessor.from_pretrained(expanded)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise CLIError(f"--model: cannot load {name}: {_one_line(exc)}") from exc
+    return LoadedModel(model.to(device).eval(), processor, name, False)
+
+
+def default_sample(loaded: LoadedModel, seed: int):
+    """``(image, prompt, expected answer or None, description)`` when no ``--image`` is given."""
+    if loaded.is_toy:
+        from .toy import make_sample
+
+        sample = make_sample(seed)
+        return sample.image, sample.question, sample.answer, f"toy task image (seed {seed})"
+    from .testing import synthetic_image
+
+    return synthetic_image(224, 224, seed=seed), DEFAULT_PROMPT, None, f"synthetic test image (seed {seed})"
+
+
+# --------------------------------------------------------------------------- timed generation
+
+
+@dataclass
+class Timing:
+    prefill_s: float
+    decode_s: float
+    new_tokens: int
+
+    @property
+    def decode_steps(self) -> int:
+        return max(0, self.new_tokens - 1)  # the prefill already produces the first new token
+
+    @property
+    def decode_s_per_token(self) -> float | None:
+        return self.decode_s / self.decode_steps if self.decode_steps else None
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+class _FirstForwardTimer:
+    """Timestamps around the first forward of ``model`` (the prefill) during a ``generate`` call."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.start = self.end = None
+        self._handles = []
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _pre(self, module, args):
+        if self.start is None:
+            self.start = self.now()
+
+    def _post(self, module, args, output):
+        if self.end is None:
+            self.end = self.now()
+
+    def __enter__(self):
+        self._handles = [self.model.register_forward_pre_hook(self._pre), self.model.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+
+def timed_generate(model, inputs, max_new_tokens: int, device: torch.device, cache=None):
+    """Greedy ``generate``; returns ``(sequences, Timing)``."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    with torch.no_grad(), _FirstForwardTimer(model, device) as timer:
+        sequences = model.generate(**inputs, **kwargs)
+        finished = timer.now()
+    if timer.start is None or timer.end is None:
+        raise RuntimeError("generate did not call the model; cannot time the prefill")
+    new_tokens = sequences.shape[1] - inputs["input_ids"].shape[1]
+    return sequences, Timing(timer.end - timer.start, finished - timer.end, int(new_tokens))
+
+
+def _median_timing(timings: list[Timing]) -> Timing:
+    return Timing(
+        statistics.median(t.prefill_s for t in timings),
+        statistics.median(t.decode_s for t in timings),
+        timings[0].new_tokens,
+    )
+
+
+def _timing_dict(timing: Timing) -> dict:
+    per_token = timing.decode_s_per_token
+    return {
+        "prefill_ms": 1e3 * timing.prefill_s,
+        "decode_ms": 1e3 * timing.decode_s,
+        "new_tokens": timing.new_tokens,
+        "decode_steps": timing.decode_steps,
+        "decode_ms_per_token": None if per_token is None else 1e3 * per_token,
+        "total_ms": 1e3 * timing.total_s,
+    }
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_generate(args: argparse.Namespace) -> dict:
+    """Do what ``sparse-cache generate`` does and return the results as a dict (see :func:`format_report`)."""
+    from . import PrunableDynamicCache
+    from .visualize import kept_overlay, score_heatmap
+
+    if args.prompt is not None and not args.prompt.strip():
+        raise CLIError('--prompt: empty prompt; pass a question about the image, e.g. --prompt "What is shown?"')
+    image = load_image(args.image) if args.image is not None else None
+    _check_output_path(args.overlay, "--overlay")
+    _check_output_path(args.heatmap, "--heatmap")
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device, toy=args.model is None)
+    fixed_budget = args.keep_ratio is not None or args.keep_tokens is not None or args.adaptive_scale is not None
+    keep_ratio = args.keep_ratio if fixed_budget else DEFAULT_KEEP_RATIO
+
+    loaded = load_model(args.model, device, dtype, args.attn)
+    model, processor = loaded.model, loaded.processor
+    expected = None
+    if image is None:
+        image, default_prompt, expected, image_name = default_sample(loaded, args.seed)
+    else:
+        default_prompt, image_name = DEFAULT_PROMPT, args.image
+    prompt = args.prompt if args.prompt is not None else default_prompt
+    if args.prompt is not None:
+        expected = None  # the toy sample's answer is about its own question
+    inputs = _chat_inputs(processor, image, prompt).to(device)
+    input_len = inputs["input_ids"].shape[1]
+    config = model.config
+
+    def make_cache():
+        return PrunableDynamicCache(
+            model, keep_ratio=keep_ratio, keep_tokens=args.keep_tokens, scorer=args.scorer,
+            scoring_layer=args.scoring_layer, seed=args.seed, mode=args.mode, schedule=args.schedule,
+            adaptive_scale=args.adaptive_scale,
+        )
+
+    try:
+        make_cache()  # validates the budget/scorer/layer and installs the hooks before any timing
+    except (TypeError, ValueError) as exc:
+        raise CLIError(_one_line(exc)) from exc
+    # Warm-up (untimed): the first calls pay one-off costs (kernel selection, allocator growth, first use of
+    # the pruning code paths) that would otherwise be charged to whichever configuration runs first.
+    logger.debug("warm-up: one pruned and one unpruned two-token generate")
+    timed_generate(model, inputs, 2, device, cache=make_cache())
+    timed_generate(model, inputs, 2, device)
+
+    pruned_timings, unpruned_timings = [], []
+    sequences = reference = cache = None
+    for _ in range(args.repeats):
+        run_cache = make_cache()
+        out, timing = timed_generate(model, inputs, args.max_new_tokens, device, cache=run_cache)
+        pruned_timings.append(timing)
+        if cache is None:
+            sequences, cache = out, run_cache
+        if args.compare:
+            out, timing = timed_generate(model, inputs, args.max_new_tokens, device)
+            unpruned_timings.append(timing)
+            if reference is None:
+                reference = out
+
+    def answer_of(seqs) -> str:
+        return processor.batch_decode(seqs[:, input_len:], skip_special_tokens=True)[0].strip()
+
+    visual_ids = [config.image_token_id] + ([config.video_token_id] if config.video_token_id is not None else [])
+    total_visual = int(torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids, device=device)).sum())
+    kept = cache.kept_visual_positions[0].cpu() if cache.kept_visual_positions else torch.zeros(0, dtype=torch.long)
+    timing = _median_timing(pruned_timings)
+    result = {
+        "model": loaded.name,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "image": image_name,
+        "image_size": list(image.size),
+        "prompt": prompt,
+        "expected_answer": expected,
+        "scorer": args.scorer,
+        "keep_ratio": keep_ratio,
+        "keep_tokens": args.keep_tokens,
+        "adaptive_scale": args.adaptive_scale,
+        "mode": args.mode,
+        "schedule": args.schedule,
+        "answer": answer_of(sequences),
+        "visual_tokens_kept": int(kept.numel()),
+        "visual_tokens_total": total_visual,
+        "repeats": args.repeats,
+        **_timing_dict(timing),
+    }
+    if args.compare:
+        base = _median_timing(unpruned_timings)
+        result["unpruned"] = {"answer": answer_of(reference), **_timing_dict(base)}
+        result["speedup"] = {
+            "prefill": _ratio(base.prefill_s, timing.prefill_s),
+            "decode_per_token": _ratio(base.decode_s_per_token, timing.decode_s_per_token),
+            "total": _ratio(base.total_s, timing.total_s),
+        }
+    merge = int(config.vision_config.spatial_merge_size)
+    grid_args = (inputs["input_ids"].cpu(), inputs["image_grid_thw"].cpu(), config.image_token_id)
+    canvas = _drawing_canvas(image, inputs["image_grid_thw"][0], processor)
+    for path, key in ((args.overlay, "overlay"), (args.heatmap, "heatmap")):
+        if path is None:
+            continue
+        if key == "overlay":
+            picture = kept_overlay(canvas, kept, *grid_args, merge_size=merge)
+        else:
+            scores = cache.visual_scores[0].cpu()
+            picture = score_heatmap(canvas, scores, *grid_args, merge_size=merge, kept_positions=kept)
+        try:
+            picture.save(path)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"--{key}: cannot write {path}: {_one_line(exc)}") from exc
+        result[key] = path
+    return result
+
+
+def _drawing_canvas(image, grid_thw: torch.Tensor, processor):
+    """The image to draw on: the original, or the processor's (upscaled) size when the original is smaller."""
+    from PIL import Image
+
+    patch = int(getattr(getattr(processor, "image_processor", None), "patch_size", 14))
+    size = (int(grid_thw[2]) * patch, int(grid_thw[1]) * patch)  # (width, height) the model saw
+    if image.width >= size[0] and image.height >= size[1]:
+        return image
+    return image.resize(size, Image.Resampling.NEAREST)
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}x"
+
+
+def _decode_line(r: dict) -> str:
+    if not r["decode_steps"]:
+        return f"{_ms(r['decode_ms'])} (no decode step: the prefill produced the only new token)"
+    steps = r["decode_steps"]
+    return f"{_ms(r['decode_ms'])} for {steps} token{'s' * (steps > 1)} ({_ms(r['decode_ms_per_token'])}/token)"
+
+
+def format_report(r: dict) -> str:
+    """The human-readable report of :func:`run_generate`'s result."""
+    if r["adaptive_scale"] is not None:
+        budget = f"adaptive_scale={r['adaptive_scale']:g}"
+    elif r["keep_tokens"] is not None:
+        budget = f"keep_tokens={r['keep_tokens']}"
+    else:
+        budget = f"keep_ratio={r['keep_ratio']:g}"
+    budget += f" mode={r['mode']}" + (f" schedule={r['schedule']}" if r["schedule"] else "")
+    share = r["visual_tokens_kept"] / r["visual_tokens_total"] if r["visual_tokens_total"] else float("nan")
+    timed = f" (median of {r['repeats']} runs)" if r["repeats"] > 1 else ""
+    rows = [
+        ("model", f"{r['model']} on {r['device']} ({r['dtype']})"),
+        ("image", f"{r['image']} ({r['image_size'][0]}x{r['image_size'][1]})"),
+        ("prompt", r["prompt"]),
+        ("answer", r["answer"] or "(empty)"),
+    ]
+    if r["expected_answer"] is not None:
+        rows.append(("expected", r["expected_answer"]))
+    rows += [
+        ("visual tokens", f"{r['visual_tokens_kept']} kept / {r['visual_tokens_total']} total ({share:.0%}), "
+                          f"scorer={r['scorer']} {budget}"),
+        ("prefill", _ms(r["prefill_ms"]) + timed),
+        ("decode", _decode_line(r)),
+    ]
+    if "unpruned" in r:
+        u, s = r["unpruned"], r["speedup"]
+        rows += [
+            ("unpruned answer", u["answer"] or "(empty)"),
+            ("unpruned prefill", _ms(u["prefill_ms"])),
+            ("unpruned decode", _decode_line(u)),
+            ("speed-up", f"prefill {_times(s['prefill'])}, decode {_times(s['decode_per_token'])} per token, "
+                         f"prefill+decode {_times(s['total'])} (pruned vs unpruned, same run)"),
+        ]
+        if u["new_tokens"] != r["new_tokens"]:
+            rows.append(("note", f"the answers have {r['new_tokens']} vs {u['new_tokens']} new tokens: compare the "
+                                 "per-token decode speed-up, not prefill+decode"))
+    for key in ("overlay", "heatmap"):
+        if key in r:
+            rows.append((key, f"written to {r[key]}"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}} : {value}" for name, value in rows)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class _Logging:
+    """Route library logs to stderr for one ``main`` call (transformers' warnings and progress bars only with
+    ``--debug`` or at a terminal), then restore the previous state."""
+
+    def __init__(self, debug: bool):
+        self.debug = debug
+
+    def __enter__(self):
+        import transformers
+
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(name)s: %(message)s"))
+        self.package = logging.getLogger("sparse_cache")
+        self.old_level = self.package.level
+        self.package.addHandler(self.handler)
+        self.package.setLevel(logging.DEBUG if self.debug else logging.WARNING)
+        self.old_transformers = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity(transformers.logging.INFO if self.debug else transformers.logging.ERROR)
+        # Weight-loading bars help at a terminal; in a pipe or a log they are noise around the report.
+        self.old_bars = transformers.logging.is_progress_bar_enabled()
+        interactive = getattr(sys.stderr, "isatty", lambda: False)()
+        if not (self.debug or interactive):
+            transformers.logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        import transformers
+
+        self.package.removeHandler(self.handler)
+        self.package.setLevel(self.old_level)
+        transformers.logging.set_verbosity(self.old_transformers)
+        if self.old_bars:
+            transformers.logging.enable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sparse-cache`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    debug = args.debug
+    try:
+        with _Logging(args.debug):
+            result = run_generate(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except CLIError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # unexpected: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_report(result))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
