@@ -163,3 +163,37 @@ def set_arg(args: tuple, kwargs: dict, names: tuple[str, ...], name: str, value)
         kwargs = dict(kwargs)
         kwargs[name] = value
     return args, kwargs
+
+
+def gather_rope_tables(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather ``index`` ``(B, K)`` along the sequence axis of a ``(B, S, d)`` or ``(3, B, S, d)`` table."""
+    index = index.to(table.device)
+    if table.ndim == 4:
+        index = index.unsqueeze(0).expand(table.shape[0], -1, -1)
+    return table.gather(table.ndim - 2, index.unsqueeze(-1).expand(*index.shape, table.shape[-1]))
+
+
+def grids_from_positions(position_ids, block_of: torch.Tensor, is_visual: torch.Tensor):
+    """Merged ``(t, h, w)`` grid of every block, read from the M-RoPE positions; ``None`` if unusable.
+
+    transformers >= 5.2x's ``generate`` encodes the images before the prefill and calls the model with
+    ``mm_encoder_outputs`` and no ``image_grid_thw``; the positions still carry each block's extent.
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.ndim != 3 or position_ids.shape[0] not in (3, 4):
+        return None
+    rope = position_ids[-3:].to(block_of.device)  # (3, B, S): t, h, w
+    if rope.shape[1:] != block_of.shape:
+        return None
+    grids = []
+    for block in range(int(block_of.max()) + 1):
+        member = (block_of == block) & is_visual
+        count = int(member.sum())
+        if count == 0:
+            return None
+        h_pos, w_pos = rope[1][member], rope[2][member]
+        h = int(h_pos.max() - h_pos.min()) + 1
+        w = int(w_pos.max() - w_pos.min()) + 1
+        if count % (h * w):
+            return None
+        grids.append((count // (h * w), h, w))
+    return grids

@@ -26,7 +26,16 @@ import torch
 from transformers import DynamicCache
 
 from . import hooks
-from ._compat import TEXT_FORWARD_ARGS, VLM_FORWARD_ARGS, adapt, get_arg, rope_tables, set_arg
+from ._compat import (
+    TEXT_FORWARD_ARGS,
+    VLM_FORWARD_ARGS,
+    adapt,
+    gather_rope_tables,
+    get_arg,
+    grids_from_positions,
+    rope_tables,
+    set_arg,
+)
 from .scorers import Scorer, ScoringContext, get_scorer
 from .recycle import cluster_count, density_peak_clusters, recycled_candidates
 from .select import adaptive_keep_count, derive_schedule, select_visual, validate_budget, validate_schedule
@@ -402,7 +411,7 @@ class PrunableDynamicCache(DynamicCache):
         is_visual &= token_valid
         block_of, block_grids = _visual_block_ids(input_ids, is_visual, adapter, kwargs)
         if block_grids is None:
-            block_grids = _grids_from_positions(
+            block_grids = grids_from_positions(
                 get_arg(args, kwargs, VLM_FORWARD_ARGS, "position_ids"), block_of, is_visual
             )
         visual_positions, visual_blocks, text_positions = [], [], []
@@ -695,7 +704,7 @@ class PrunableDynamicCache(DynamicCache):
         if layout.get("rope_source") is not cos:
             # the text model computes full-sequence tables once for all layers: gather the kept slots
             # (5.14 hands (3, B, S, d) tables, later versions (B, S, d))
-            layout["rope"] = (_gather_sequence(cos, layout["index"]), _gather_sequence(sin, layout["index"]))
+            layout["rope"] = (gather_rope_tables(cos, layout["index"]), gather_rope_tables(sin, layout["index"]))
             layout["rope_source"] = cos
         kwargs = dict(kwargs)
         kwargs["position_embeddings"] = layout["rope"]
@@ -879,14 +888,6 @@ def _packed_with_recycled(slots_valid: torch.Tensor, plan: list[dict]):
     return index, valid, [tuple(item) for item in overrides]
 
 
-def _gather_sequence(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather ``index`` ``(B, K)`` along the sequence axis of a ``(B, S, d)`` or ``(3, B, S, d)`` table."""
-    index = index.to(table.device)
-    if table.ndim == 4:
-        index = index.unsqueeze(0).expand(table.shape[0], -1, -1)
-    return table.gather(table.ndim - 2, index.unsqueeze(-1).expand(*index.shape, table.shape[-1]))
-
-
 def _left_packed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather index ``(B, K)`` of each row's kept columns, left-padded to the longest row, and validity.
 
@@ -946,29 +947,3 @@ def _visual_block_ids(input_ids: torch.Tensor, is_visual: torch.Tensor, adapter,
     # numbered over the whole batch (row-major), so that a block index names one block of one row
     runs = torch.cumsum(starts.flatten().long(), dim=0).view_as(input_ids) - 1
     return torch.where(is_visual, runs, torch.full_like(runs, -1)), None
-
-
-def _grids_from_positions(position_ids, block_of: torch.Tensor, is_visual: torch.Tensor):
-    """Merged ``(t, h, w)`` grid of every block, read from the M-RoPE positions; ``None`` if unusable.
-
-    transformers >= 5.2x's ``generate`` encodes the images before the prefill and calls the model with
-    ``mm_encoder_outputs`` and no ``image_grid_thw``; the positions still carry each block's extent.
-    """
-    if not isinstance(position_ids, torch.Tensor) or position_ids.ndim != 3 or position_ids.shape[0] not in (3, 4):
-        return None
-    rope = position_ids[-3:].to(block_of.device)  # (3, B, S): t, h, w
-    if rope.shape[1:] != block_of.shape:
-        return None
-    grids = []
-    for block in range(int(block_of.max()) + 1):
-        member = (block_of == block) & is_visual
-        count = int(member.sum())
-        if count == 0:
-            return None
-        h_pos, w_pos = rope[1][member], rope[2][member]
-        h = int(h_pos.max() - h_pos.min()) + 1
-        w = int(w_pos.max() - w_pos.min()) + 1
-        if count % (h * w):
-            return None
-        grids.append((count // (h * w), h, w))
-    return grids
