@@ -1,0 +1,299 @@
+"""The benchmark command (sparse_cache.bench), its presets and the GPU script, on the tiny preset.
+
+Nothing here is timed: the runs prove that the outputs are complete and well formed, and check the
+quantities that do not depend on the machine (KV bytes, kept tokens, the bytes model's arithmetic).
+"""
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+from sparse_cache import bench, presets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
+VISUAL, BATCH, NEW, REPEATS = 64, 2, 3, 2
+CONFIGS = ["baseline", "keep=1", "keep=0.5", "keep=0.25", "keep=0.1"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One CLI run on the tiny preset: (stdout, parsed JSON, CSV rows, file paths, tiny model)."""
+    out_dir = tmp_path_factory.mktemp("bench")
+    argv = [
+        "--model", "tiny", "--visual-tokens", str(VISUAL), "--batch-size", str(BATCH), "--new-tokens", str(NEW),
+        "--repeats", str(REPEATS), "--warmup", "0", "--out-dir", str(out_dir), "--no-progress",
+        "--log-level", "WARNING", "--threads", "1",
+    ]
+    stdout = io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads is process-wide: leave the other tests as they were
+    name = f"tiny-v{VISUAL}-b{BATCH}-n{NEW}-cpu-float32"
+    paths = {kind: out_dir / f"{name}{suffix}" for kind, suffix in
+             (("json", ".json"), ("csv", ".csv"), ("time", "_time.png"), ("memory", "_memory.png"))}
+    with open(paths["json"]) as handle:
+        data = json.load(handle)
+    with open(paths["csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    model = presets.build_preset_model("tiny")
+    return stdout.getvalue(), data, rows, paths, model
+
+
+# --------------------------------------------------------------------------- sizes and presets
+
+
+@pytest.mark.parametrize(
+    "tokens, grid, size",
+    [(16320, (120, 136), (3808, 3360)), (576, (24, 24), (672, 672)), (4096, (64, 64), (1792, 1792)),
+     (1024, (32, 32), (896, 896)), (64, (8, 8), (224, 224))],
+)
+def test_image_size_for_visual_tokens(tokens, grid, size):
+    assert bench.visual_grid_for_tokens(tokens) == grid
+    assert bench.image_size_for_visual_tokens(tokens) == size
+
+
+def test_visual_grid_is_close_for_awkward_counts():
+    for tokens in (5, 97, 1000, 2047, 4099):
+        rows, cols = bench.visual_grid_for_tokens(tokens)
+        assert rows <= cols <= 2 * rows
+        assert abs(rows * cols - tokens) <= max(1, 0.02 * tokens)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "qwen2.5-vl-7b"])
+def test_large_presets_match_the_published_checkpoints(name):
+    model = presets.build_preset_model(name, materialize=False)  # meta device: no memory
+    count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert count == presets.PRESETS[name].published_parameters
+    text, vision = model.config.get_text_config(), model.config.vision_config
+    expected = {
+        "qwen2.5-vl-7b": (3584, 28, 28, 4, 18944, 152064, 3584, False),
+        "qwen2.5-vl-3b": (2048, 36, 16, 2, 11008, 151936, 2048, True),
+    }[name]
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size, text.vocab_size, vision.out_hidden_size,
+            bool(model.config.tie_word_embeddings)) == expected
+    assert (vision.depth, vision.hidden_size, vision.num_heads) == (32, 1280, 16)
+    assert (model.lm_head.weight is model.model.language_model.embed_tokens.weight) == expected[-1]
+
+
+def test_small_preset_materialises_with_random_weights():
+    model = presets.build_preset_model("small", dtype=torch.bfloat16)
+    params = list(model.parameters())
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in params)
+    assert model.model.language_model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.language_model.rotary_emb.inv_freq[:1], torch.ones(1))
+    q = model.model.language_model.layers[0].self_attn.q_proj
+    assert 0.01 < q.weight.float().std().item() < 0.03 and not q.bias.any()
+    assert bool((model.model.language_model.norm.weight == 1).all())
+    again = presets.build_preset_model("small", dtype=torch.bfloat16)
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)  # seeded
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"preset: unknown preset 'huge'.*valid presets"):
+        presets.build_preset_model("huge")
+
+
+# --------------------------------------------------------------------------- one CLI run
+
+
+def test_cli_writes_json_csv_and_plots(cli_run):
+    stdout, data, rows, paths, _ = cli_run
+    for kind in ("time", "memory"):
+        with open(paths[kind], "rb") as handle:
+            assert handle.read(8) == PNG_MAGIC
+    assert [r["config"] for r in data["results"]] == CONFIGS  # baseline first, every keep ratio
+    assert [r["keep_ratio"] for r in data["results"]] == [None, *KEEP_RATIOS]
+    assert [r["config"] for r in rows] == CONFIGS
+    assert {"prefill_s", "decode_per_token_s", "e2e_s", "kv_bytes_prefill", "peak_mem_bytes",
+            "bytes_model_decode_per_token_s", "decode_measured_over_model", "model", "device"} <= set(rows[0])
+    env = data["environment"]
+    for key in ("torch", "transformers", "device", "dtype", "attn_implementation", "cpu", "date_utc", "python"):
+        assert env[key], key
+    assert (env["device"], env["dtype"], env["attn_implementation"]) == ("cpu", "float32", "sdpa")
+    assert data["settings"]["visual_tokens_per_row"] == VISUAL
+    assert data["settings"]["command"].startswith("sparse-cache-bench --model tiny")
+    assert set(data["targets"]) == set(bench.TARGETS)
+    # interleaved: every configuration once per repeat, the order reversed on odd repeats
+    order = [(r["repeat"], r["config"]) for r in data["runs"]]
+    assert order == [(0, c) for c in CONFIGS] + [(1, c) for c in reversed(CONFIGS)]
+    assert all(run["forwards"] == NEW for run in data["runs"])
+    # the markdown table: a header, then the configurations in order
+    table = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| config |") and [line.split("|")[1].strip() for line in table[1:]] == CONFIGS
+
+
+def test_cli_measures_every_quantity(cli_run):
+    _, data, _, _, _ = cli_run
+    base, *pruned = data["results"]
+    for row in data["results"]:
+        assert row["repeats"] == REPEATS
+        for metric in ("prefill_s", "vision_s", "ttft_s", "decode_per_token_s", "e2e_s"):
+            assert row[metric] > 0, (row["config"], metric)
+        assert row["ttft_s"] >= row["prefill_s"] and row["e2e_s"] >= row["ttft_s"]
+        assert row["peak_mem_bytes"] > 0
+    assert base["score_s"] is None and base["compact_s"] is None
+    assert all(r["score_s"] > 0 for r in pruned)
+    assert pruned[0]["compact_s"] == 0  # keep 1.0 drops nothing: no compaction
+    assert all(r["compact_s"] > 0 for r in pruned[1:])
+    assert base["prefill_vs_base"] == 1 and base["decode_measured_over_model"] == 1
+
+
+def test_kv_bytes_shrink_with_the_tokens_kept(cli_run):
+    _, data, _, _, model = cli_run
+    base = data["results"][0]
+    sequence = data["settings"]["sequence_length"]
+    assert base["physical_length_prefill"] == sequence
+    for row, ratio in zip(data["results"][1:], KEEP_RATIOS):
+        kept = math.floor(ratio * VISUAL + 0.5)
+        assert row["kept_visual_per_row"] == kept
+        assert row["physical_length_prefill"] == sequence - (VISUAL - kept)
+    text = model.config.get_text_config()
+    head_dim = text.hidden_size // text.num_attention_heads
+    for row in data["results"]:
+        physical = row["physical_length_prefill"]
+        # layers * 2 (keys, values) * kv_heads * head_dim * dtype size * physical length * batch
+        expected = text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * 4 * physical * BATCH
+        assert row["kv_bytes_prefill"] == expected == bench.expected_kv_bytes(model, physical, BATCH, torch.float32)
+        assert row["kv_vs_base"] == pytest.approx(physical / sequence)
+        # after decoding: the new tokens but the last, which is never fed back
+        assert row["kv_bytes_final"] == bench.expected_kv_bytes(model, physical + NEW - 1, BATCH, torch.float32)
+
+
+def test_bytes_model_arithmetic(cli_run):
+    _, data, _, _, model = cli_run
+    weights = data["settings"]["decode_weight_bytes"]
+    language = model.model.language_model
+    embed = {id(p) for p in language.embed_tokens.parameters()}
+    expected_weights = sum(p.numel() * 4 for p in language.parameters() if id(p) not in embed)
+    expected_weights += model.lm_head.weight.numel() * 4
+    assert weights == expected_weights == bench.decode_weight_bytes(model)
+    base = data["results"][0]
+    for row in data["results"]:
+        per_entry = row["kv_bytes_prefill"] / (BATCH * row["physical_length_prefill"])
+        assert row["kv_bytes_decode_avg"] == pytest.approx(row["kv_bytes_prefill"] + per_entry * BATCH * NEW / 2)
+        predicted = base["decode_per_token_s"] * (weights + row["kv_bytes_decode_avg"]) / (
+            weights + base["kv_bytes_decode_avg"])
+        assert row["bytes_model_decode_per_token_s"] == pytest.approx(predicted)
+        assert row["decode_measured_over_model"] == pytest.approx(row["decode_per_token_s"] / predicted)
+    fewer = [r["bytes_model_decode_per_token_s"] for r in data["results"][1:]]
+    assert fewer == sorted(fewer, reverse=True)  # less KV, less predicted time
+
+
+def test_run_benchmark_api_with_image_size_and_one_new_token(tmp_path):
+    model = presets.build_preset_model("tiny")
+    processor = presets.preset_processor()
+    settings = bench.BenchSettings(
+        model="tiny", visual_tokens=None, image_size=(112, 112), keep_ratios=(0.5,), new_tokens=1, repeats=1,
+        warmup=0, cpu_memory="none", progress=False, scorer="random",
+    )
+    result = bench.run_benchmark(model, processor, settings)
+    assert [r["config"] for r in result.rows] == ["baseline", "keep=0.5"]
+    assert result.settings["visual_tokens_per_row"] == 16
+    assert result.rows[1]["kept_visual_per_row"] == 8
+    assert result.rows[0]["decode_per_token_s"] is None and result.rows[0]["peak_mem_bytes"] is None
+    assert result.targets["decode_bytes_model"]["met"] is None
+    files = bench.write_outputs(result, str(tmp_path), plots=False)
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in files.values())
+    assert "| keep=0.5 | 8 |" in bench.format_markdown(result)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--keep-ratios", "1.0,1.5"], r"keep_ratios: 1\.5 is outside \(0, 1\]"),
+        (["--keep-ratios", "half"], r"keep_ratios: 'half' is not a comma-separated list"),
+        (["--visual-tokens", "2"], r"visual_tokens: 2 is not valid; give an int >= 4"),
+        (["--cases", "576x16"], r"cases: '576x16' is not VISUAL_TOKENS:BATCH_SIZE"),
+        (["--image-size", "big"], r"image_size: 'big' is not WIDTHxHEIGHT"),
+        (["--repeats", "0"], r"repeats: 0 is not valid; give an int >= 1"),
+        (["--batch-size", "0"], r"batch_size: 0 is not valid"),
+        (["--device", "tpu"], r"device: 'tpu' is not a torch device"),
+        (["--device", "meta"], r"device: 'meta' is not supported by the benchmark"),
+        (["--model", "qwen2.5-vl-72b"], r"model: 'qwen2.5-vl-72b' is neither a preset .*qwen2.5-vl-7b"),
+        (["--cases", "16:1,16:2", "--name", "x"], r"name: --name names one run"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv + ["--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda"])
+    assert "device: 'cuda' was requested but torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the GPU script, on CPU
+
+
+def test_gpu_script_runs_on_cpu_with_a_small_preset(tmp_path):
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        PRESET="tiny", DEVICE="cpu", DTYPE="float32", CASES="16:1,16:2", NEW_TOKENS="2", REPEATS="1",
+        WARMUP="1", KEEP_RATIOS="1.0,0.5", PYTHON=sys.executable, OUT=str(out), TMPDIR=str(tmp_path),
+        EXTRA_ARGS="--cpu-memory none --threads 1",
+    )
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_bench.sh")], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["env.txt", "log.txt", "results.tar.gz", "summary.md"]
+    with tarfile.open(out / "results.tar.gz") as archive:
+        names = sorted(os.path.basename(n) for n in archive.getnames() if n not in (".", "./"))
+    stems = ["tiny-v16-b1-n2-cpu-float32", "tiny-v16-b2-n2-cpu-float32"]
+    assert names == sorted(f"{s}{x}" for s in stems for x in (".csv", ".json", "_memory.png", "_time.png"))
+    summary = (out / "summary.md").read_text()
+    assert all(f"### {s}" in summary for s in stems)
+    assert "transformers" in (out / "env.txt").read_text()
+
+
+def test_both_modes_interleaved_with_the_flops_model(tmp_path):
+    argv = ["--model", "tiny", "--visual-tokens", "64", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
+            "--keep-ratios", "1,0.25", "--mode", "both", "--out-dir", str(tmp_path), "--no-progress",
+            "--log-level", "WARNING", "--cpu-memory", "none"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench.main(argv) == 0
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    data = json.loads(path.read_text())
+    rows = {r["config"]: r for r in data["results"]}
+    assert list(rows) == ["baseline", "post-prefill keep=1", "post-prefill keep=0.25", "in-prefill keep=1",
+                          "in-prefill keep=0.25"]
+    model = presets.build_preset_model("tiny")
+    text = model.config.get_text_config(decoder=True)
+    seq = data["settings"]["sequence_length"]
+    layers = text.num_hidden_layers
+    row = rows["in-prefill keep=0.25"]
+    assert row["scoring_layer"] == 2 and row["kept_visual_per_row"] == 16
+    kept_total = seq - 64 + 16
+    expected = bench.prefill_flops(text, [seq] * 3 + [kept_total] * (layers - 3)) / bench.prefill_flops(text, [seq] * layers)
+    assert row["flops_model_prefill_vs_base"] == pytest.approx(expected)
+    assert rows["post-prefill keep=0.25"]["flops_model_prefill_vs_base"] == 1.0
+    assert data["targets"]["prefill_flops_model"]["worst_config"].startswith("in-prefill")
+    # the FLOPs model reduces to (s + (L - s) r) / L on the linear part when every token is visual
+    lin_only = type("C", (), dict(hidden_size=8, num_attention_heads=2, num_key_value_heads=2, intermediate_size=8))
+    ratio = bench.prefill_flops(lin_only, [1.0] * 3 + [0.25] * 5) / bench.prefill_flops(lin_only, [1.0] * 8)
+    assert ratio == pytest.approx((3 + 5 * 0.25) / 8, rel=0.02)
