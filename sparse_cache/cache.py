@@ -202,10 +202,6 @@ class PrunableDynamicCache(DynamicCache):
         self._stage_layers = (
             [layer for layer, _ in self.schedule] if self.schedule else ([] if scoring_layer is None else [scoring_layer])
         )
-        #: per stage of the last pruning forward, per row: the visual positions still computed after it
-        self.stage_kept_visual_positions: list[list[torch.Tensor]] = []
-        #: with ``recycle=True``, per row: ``(representative position, member positions)`` of each recycled token
-        self.recycled_groups: list[list[tuple[int, torch.Tensor]]] = []
         if mode == "in-prefill" and scoring_layer is None:
             raise ValueError(
                 f"mode: 'in-prefill' prunes after a scoring layer, but scorer {self.scorer.name!r} has none; "
@@ -220,6 +216,10 @@ class PrunableDynamicCache(DynamicCache):
     def _reset_state(self) -> None:
         self.kept_visual_positions: list[torch.Tensor] = []
         self.visual_scores: list[torch.Tensor] = []
+        #: per stage of the last pruning forward, per row: the visual positions still computed after it
+        self.stage_kept_visual_positions: list[list[torch.Tensor]] = []
+        #: with ``recycle=True``, per row: ``(representative position, member positions)`` of each recycled token
+        self.recycled_groups: list[list[tuple[int, torch.Tensor]]] = []
         # Physical layout of the compacted prefix: every layer's first P0 entries. Entries after them
         # are the tokens fed since, in logical order, with validity given by the caller's 2-D mask.
         self._prefix_mask: torch.Tensor | None = None  # (B, P0) bool; None = never compacted
@@ -288,6 +288,9 @@ class PrunableDynamicCache(DynamicCache):
         if self.kept_visual_positions:
             self.kept_visual_positions = [self.kept_visual_positions[i] for i in rows]
             self.visual_scores = [self.visual_scores[i] for i in rows]
+        self.stage_kept_visual_positions = [[stage[i] for i in rows] for stage in self.stage_kept_visual_positions]
+        if self.recycled_groups:
+            self.recycled_groups = [self.recycled_groups[i] for i in rows]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -194,3 +194,23 @@ def test_recycling_matches_hand_built_reference(model, single_inputs, batch_inpu
 def test_recycling_needs_in_prefill_mode(sdpa_model):
     with pytest.raises(ValueError, match="mode='in-prefill'"):
         PrunableDynamicCache(sdpa_model, keep_ratio=0.25, recycle=True)
+
+
+def test_in_prefill_beam_search_scores_match_reference(sdpa_model, single_inputs):
+    beams = 3
+    cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.25, mode="in-prefill")
+    out = sdpa_model.generate(
+        **single_inputs, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, num_beams=beams,
+        num_return_sequences=beams, length_penalty=0.0, do_sample=False, return_dict_in_generate=True,
+        output_scores=True,
+    )
+    rows = torch.zeros(beams, dtype=torch.long)
+    expanded = {k: v[rows] for k, v in single_inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+    expanded["pixel_values"] = single_inputs["pixel_values"].repeat(beams, 1)
+    expanded["image_grid_thw"] = single_inputs["image_grid_thw"].repeat(beams, 1)
+    prompt_len = single_inputs["input_ids"].shape[1]
+    continuations = out.sequences[:, prompt_len:]
+    kept = [cache.kept_visual_positions[0]] * beams
+    logits = in_prefill_reference_logits(sdpa_model, expanded, [(2, kept)], continuations, visual_ids(sdpa_model))
+    logprobs = torch.log_softmax(torch.stack(logits, 1), -1).gather(-1, continuations[..., None]).squeeze(-1).sum(-1)
+    assert torch.allclose(out.sequences_scores.float(), logprobs, atol=1e-4)
