@@ -200,12 +200,15 @@ def test_video_matches_oracle(model, processor):
 # --------------------------------------------------------------------------- dtypes, offload, threads
 
 
-def test_bf16_scores_are_finite_on_long_sequences(processor):
-    model = testing.tiny_qwen2_5_vl_model(seed=0, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scores_are_finite_on_long_sequences(dtype):
+    model = testing.tiny_qwen2_5_vl_model(seed=0, dtype=dtype)
+    processor = testing.tiny_processor(max_pixels=28 * 28 * 1024)
     inputs = testing.make_inputs(
-        processor, ["describe this image in detail."], [[testing.synthetic_image(224, 224, seed=3)]]
+        processor, ["describe this image in detail."], [[testing.synthetic_image(896, 896, seed=3)]]
     )
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 1024
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     cache = PrunableDynamicCache(model, keep_ratio=0.25)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, **GREEDY)
     scores = cache.visual_scores[0]
