@@ -714,7 +714,7 @@ class PrunableDynamicCache(DynamicCache):
             layout["rope_source"] = cos
         kwargs = dict(kwargs)
         kwargs["position_embeddings"] = layout["rope"]
-        kwargs["attention_mask"] = layout["mask"].to(cos.device)
+        kwargs["attention_mask"] = None if layout["mask"] is None else layout["mask"].to(cos.device)
         kwargs["position_ids"] = None
         return args, kwargs
 
@@ -809,8 +809,14 @@ class PrunableDynamicCache(DynamicCache):
         return plan
 
     def _in_prefill_mask(self, p: _Pass, valid: torch.Tensor, past: int, hidden: torch.Tensor):
-        """4-D mask of the kept layout: past valid columns, causal over the kept tokens, pads masked."""
+        """4-D mask of the kept layout: past valid columns, causal over the kept tokens, pads masked.
+
+        ``None`` under sdpa when it would be plainly causal (no past, no padding): sdpa's ``is_causal``
+        kernels are faster and never materialise the ``N x N`` mask.
+        """
         batch, new = valid.shape
+        if self._adapter.attn_implementation == "sdpa" and past == 0 and bool(valid.all()):
+            return None
         past_valid = p.key_valid[:, :past].to(valid.device)
         causal = torch.ones(new, new, dtype=torch.bool, device=valid.device).tril()
         allowed_new = causal[None] & valid[:, None, :]
