@@ -8,6 +8,7 @@
 import logging
 
 from ._compat import MAX_TRANSFORMERS_EXCLUSIVE, MIN_TRANSFORMERS, SUPPORTED_MODEL_CLASSES
+from . import processor as _processor  # noqa: F401  (registers the torchvision-free processor class)
 from .auto import disable, enable, is_enabled, pruning
 from .cache import PrunableDynamicCache
 from .hooks import uninstall

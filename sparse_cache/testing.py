@@ -376,31 +376,7 @@ def tiny_qwen2_5_vl_model(
 # --------------------------------------------------------------------------- processor / inputs
 
 
-class TinyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` without a video processor (so no torchvision is needed).
-
-    ``ProcessorMixin`` type-checks every sub-processor, ``None`` included, against the video
-    processor base class, which is only a torchvision dummy here, so ``Qwen2_5_VLProcessor``
-    itself cannot be built with ``video_processor=None``. This subclass drops the argument
-    (the attribute is always ``None``); everything else is inherited unchanged.
-    """
-
-    video_processor = None
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-            **kwargs,
-        )
-
-
-# Registered under a private key (not a real config class, so the processors of genuine
-# Qwen2.5-VL checkpoints are untouched): lets ``AutoProcessor.from_pretrained`` resolve the
-# saved ``"processor_class": "TinyQwen2_5_VLProcessor"`` once this module is imported.
-AutoProcessor.register("sparse_cache_tiny_qwen2_5_vl", TinyQwen2_5_VLProcessor, exist_ok=True)
+from .processor import TinyQwen2_5_VLProcessor  # noqa: E402  (re-exported; registered with AutoProcessor)
 
 
 def tiny_processor(min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS):

@@ -1,0 +1,538 @@
+"""Quality benchmark of every pruning method on the toy VLM::
+
+    python -m sparse_cache.toy.quality [--samples 200] [--out-dir benchmarks/quality]
+
+For each scorer and keep ratio it reports the answer accuracy and the share of the queried cells that
+the pruned cache kept (the ``k``-th image token is cell ``k``, row-major), under three protocols:
+
+(a) ``single``: one question, the cache pruned right after the prefill (``mode="post-prefill"``), a
+    one-token answer. The question's own cache entries were computed while the whole image was there,
+    so the answer leaks past the pruning: accuracy stays high whatever is kept. Reported as such.
+(b) ``followup``: a first turn asks about colour X and is answered on the pruned cache; a second turn
+    asks again about X (``same``) or about another colour Y (``different``). The second question is
+    processed after the pruning and sees only the kept visual tokens, so its accuracy measures what
+    pruning kept. Text-guided scorers only saw the first question.
+(c) ``in-prefill``: one question, pruned inside the prefill (``mode="in-prefill"``) right after the
+    scoring layer (layer 2 for scorers that have none), so the later layers compute only the kept
+    tokens. Skipped, with a message, when the installed ``PrunableDynamicCache`` has no ``mode``.
+
+``oracle`` is not a method: it keeps the cells of the colour that is asked (of the second turn in
+(b)) and fills the budget at random; it is the upper bound of what a budget allows. ``unpruned`` is
+the model with a plain ``DynamicCache``; every scorer's ``keep_ratio=1.0`` equals it (oracle 1 of
+``docs/oracles.md``), so that column is reported once.
+
+Writes ``quality.md`` (tables), ``quality.json`` (every number and the settings) and ``quality.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import transformers
+from transformers import DynamicCache
+
+from ..cache import PrunableDynamicCache
+from ..scorers import SCORERS, Scorer, ScoringContext
+from .model import build_inputs, followup_text, load_toy_vlm
+from .task import ANSWERS, make_followup, make_sample
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "KEEP_RATIOS",
+    "PROTOCOLS",
+    "QueriedCellsScorer",
+    "supports_in_prefill",
+    "evaluate_single",
+    "evaluate_followup",
+    "run_quality",
+    "write_report",
+    "main",
+]
+
+KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
+#: protocol name -> what it measures (the tables' captions)
+PROTOCOLS = {
+    "single": "(a) one question, pruned after the prefill (leaks: the question's cache entries saw the whole image)",
+    "followup-same": "(b) second turn, same colour as the first (scorers saw the first question)",
+    "followup-different": "(b) second turn, a different colour (scorers saw the first question only)",
+    "in-prefill": "(c) one question, pruned inside the prefill after the scoring layer",
+}
+#: scorers that ignore the question (the baselines a text-guided scorer has to beat)
+TEXT_AGNOSTIC = ("random", "uniform", "divprune")
+ORACLE = "oracle"
+UNPRUNED = "unpruned"
+#: pruning layer of protocol (c) for scorers without a scoring layer of their own
+IN_PREFILL_DEFAULT_LAYER = 2
+
+
+class QueriedCellsScorer(Scorer):
+    """Upper bound: scores the queried cells of each row above all others (ties broken at random).
+
+    ``cells[row]`` are the row-major cell indices the question needs (= indices into the row's visual
+    tokens for a one-image prompt). Not a pruning method: it knows the answer's location.
+    """
+
+    name = ORACLE
+    default_layer = None
+
+    def __init__(self, cells: Sequence[Sequence[int]]):
+        self.cells = [list(c) for c in cells]
+
+    def score(self, context: ScoringContext) -> list[torch.Tensor]:
+        if len(self.cells) != context.batch_size:
+            raise ValueError(f"cells: got {len(self.cells)} rows for a batch of {context.batch_size}")
+        scores = []
+        for row, visual in enumerate(context.visual_positions):
+            s = torch.rand(visual.numel(), generator=context.generator) * 0.5
+            index = torch.tensor([c for c in self.cells[row] if c < visual.numel()], dtype=torch.long)
+            s[index] += 1.0
+            scores.append(s.to(visual.device))
+        return scores
+
+
+def supports_in_prefill() -> bool:
+    """Whether the installed ``PrunableDynamicCache`` can prune inside the prefill (protocol (c))."""
+    return "mode" in inspect.signature(PrunableDynamicCache.__init__).parameters
+
+
+def parse_scorer(spec: str) -> tuple[str, int | None]:
+    """``"sparsevlm"`` -> ``("sparsevlm", None)``; ``"sparsevlm@1"`` -> ``("sparsevlm", 1)`` (scoring layer 1)."""
+    name, sep, layer = spec.partition("@")
+    if name not in SCORERS and name != ORACLE:
+        raise ValueError(f"scorers: unknown scorer {name!r}; valid names are {sorted(SCORERS) + [ORACLE]}")
+    if not sep:
+        return name, None
+    if not layer.isdigit():
+        raise ValueError(f"scorers: expected NAME or NAME@LAYER (e.g. sparsevlm@1), got {spec!r}")
+    return name, int(layer)
+
+
+def _make_cache(model, scorer: str, keep_ratio: float, cells, mode: str | None = None):
+    if scorer == UNPRUNED or keep_ratio >= 1.0:
+        return DynamicCache(config=model.config)
+    name, layer = parse_scorer(scorer)
+    kwargs = {}
+    if layer is not None:
+        kwargs["scoring_layer"] = layer
+    if mode is not None:
+        kwargs["mode"] = mode
+        if layer is None and _default_layer(name) is None:
+            kwargs["scoring_layer"] = IN_PREFILL_DEFAULT_LAYER
+    instance = QueriedCellsScorer(cells) if name == ORACLE else name
+    return PrunableDynamicCache(model, keep_ratio=keep_ratio, scorer=instance, **kwargs)
+
+
+def _default_layer(name: str) -> int | None:
+    return SCORERS[name].default_layer if name in SCORERS else None
+
+
+def _pruning_layer(scorer: str) -> int:
+    """Layer after which protocol (c) prunes for ``scorer``."""
+    name, layer = parse_scorer(scorer)
+    for candidate in (layer, _default_layer(name)):
+        if candidate is not None:
+            return candidate
+    return IN_PREFILL_DEFAULT_LAYER
+
+
+def _first_visual(input_ids: torch.Tensor, image_token_id: int) -> list[int]:
+    out = []
+    for row in input_ids:
+        positions = torch.nonzero(row == image_token_id).flatten()
+        out.append(int(positions[0]) if positions.numel() else -1)
+    return out
+
+
+def _kept_cells(cache, first_visual: list[int], num_visual: int) -> list[set[int]]:
+    if not isinstance(cache, PrunableDynamicCache) or not cache.kept_visual_positions:
+        return [set(range(num_visual)) for _ in first_visual]
+    return [set((kept - start).tolist()) for kept, start in zip(cache.kept_visual_positions, first_visual)]
+
+
+def _answers(processor, tokens: torch.Tensor) -> list[str]:
+    return [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
+
+def _tally(records: list[dict]) -> dict:
+    n = len(records)
+    yes = [r for r in records if r["answer"] == ANSWERS[0]]
+    no = [r for r in records if r["answer"] != ANSWERS[0]]
+    recalls = [r["recall"] for r in yes]
+    out = {
+        "n": n,
+        "accuracy": sum(r["correct"] for r in records) / n if n else math.nan,
+        "accuracy_yes": sum(r["correct"] for r in yes) / len(yes) if yes else math.nan,
+        "accuracy_no": sum(r["correct"] for r in no) / len(no) if no else math.nan,
+        "queried_recall": float(np.mean(recalls)) if recalls else math.nan,
+        "kept_tokens": float(np.mean([r["kept"] for r in records])) if records else math.nan,
+    }
+    if records and "first_correct" in records[0]:
+        out["first_turn_accuracy"] = sum(r["first_correct"] for r in records) / n
+    return out
+
+
+def encode_batches(processor, items, batch_size: int = 100) -> list:
+    """``[(chunk, inputs), ...]``: the processor's inputs for each batch of samples (or of conversations,
+    first question only), computed once and reused by every scorer."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    batches = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        questions = [x.question if hasattr(x, "question") else x.questions[0] for x in chunk]
+        batches.append((chunk, build_inputs(processor, [x.image for x in chunk], questions)))
+    return batches
+
+
+@torch.no_grad()
+def evaluate_single(
+    model, processor, samples, scorer: str, keep_ratio: float, mode: str | None = None, batch_size: int = 100,
+    batches: list | None = None,
+) -> dict:
+    """Protocol (a) (``mode=None``: the default post-prefill pruning) or (c) (``mode="in-prefill"``).
+
+    ``batches``: the output of :func:`encode_batches` for ``samples`` (computed here if not given).
+    """
+    image_token_id = model.config.image_token_id
+    records = []
+    for chunk, inputs in batches if batches is not None else encode_batches(processor, samples, batch_size):
+        num_visual = int((inputs["input_ids"][0] == image_token_id).sum())
+        cache = _make_cache(model, scorer, keep_ratio, [s.queried_cells for s in chunk], mode)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        predicted = _answers(processor, out[:, inputs["input_ids"].shape[1] :])
+        kept = _kept_cells(cache, _first_visual(inputs["input_ids"], image_token_id), num_visual)
+        for sample, answer, cells in zip(chunk, predicted, kept):
+            queried = set(sample.queried_cells)
+            records.append({
+                "answer": sample.answer,
+                "correct": answer == sample.answer,
+                "recall": len(queried & cells) / len(queried) if queried else math.nan,
+                "kept": len(cells),
+            })
+    return _tally(records)
+
+
+@torch.no_grad()
+def evaluate_followup(
+    model, processor, conversations, scorer: str, keep_ratio: float, batch_size: int = 100, batches: list | None = None
+) -> dict:
+    """Protocol (b): turn 1 (pruned after its prefill) then turn 2 on the same cache, scored on turn 2.
+
+    The second ``generate`` gets the first one's output sequences followed by the new turn's tokens
+    (``<|im_end|>`` closing the first answer, then the user turn and the assistant header) and the
+    matching attention mask; no pixel values.
+    """
+    image_token_id = model.config.image_token_id
+    records = []
+    for chunk, inputs in batches if batches is not None else encode_batches(processor, conversations, batch_size):
+        num_visual = int((inputs["input_ids"][0] == image_token_id).sum())
+        cache = _make_cache(model, scorer, keep_ratio, [c.queried_cells[1] for c in chunk])
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        prompt_len = inputs["input_ids"].shape[1]
+        first = _answers(processor, out[:, prompt_len:])
+        new = [followup_text(processor, a, c.questions[1]) for a, c in zip(first, chunk)]
+        new_ids = processor.tokenizer(new, add_special_tokens=False)["input_ids"]
+        if len({len(x) for x in new_ids}) != 1:  # colour words are single tokens: never with toy questions
+            raise RuntimeError("follow-up turns of one batch must have the same length")
+        input_ids = torch.cat([out, torch.tensor(new_ids, dtype=out.dtype)], dim=1)
+        new_mask = torch.ones(len(chunk), input_ids.shape[1] - prompt_len, dtype=inputs["attention_mask"].dtype)
+        mask = torch.cat([inputs["attention_mask"], new_mask], dim=1)
+        out2 = model.generate(
+            input_ids=input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=1, do_sample=False
+        )
+        second = _answers(processor, out2[:, input_ids.shape[1] :])
+        kept = _kept_cells(cache, _first_visual(inputs["input_ids"], image_token_id), num_visual)
+        for conv, a1, a2, cells in zip(chunk, first, second, kept):
+            queried = set(conv.queried_cells[1])
+            records.append({
+                "answer": conv.answers[1],
+                "correct": a2 == conv.answers[1],
+                "first_correct": a1 == conv.answers[0],
+                "recall": len(queried & cells) / len(queried) if queried else math.nan,
+                "kept": len(cells),
+            })
+    return _tally(records)
+
+
+#: the library's default (text-guided) scorer, also benchmarked at the layers before its default one
+DEFAULT_SCORER = "sparsevlm"
+
+
+def default_scorers() -> list[str]:
+    """Every registered scorer (text-agnostic baselines included), the default scorer at each layer
+    before its default scoring layer (``sparsevlm@0``, ``sparsevlm@1``: on a 4-layer model, layer 2 is
+    half-way up, not "shallow"), then the oracle."""
+    names = list(SCORERS)
+    if DEFAULT_SCORER in SCORERS and SCORERS[DEFAULT_SCORER].default_layer:
+        names += [f"{DEFAULT_SCORER}@{layer}" for layer in range(SCORERS[DEFAULT_SCORER].default_layer)]
+    return names + [ORACLE]
+
+
+def run_quality(
+    model=None,
+    processor=None,
+    scorers: Sequence[str] | None = None,
+    keep_ratios: Sequence[float] = KEEP_RATIOS,
+    protocols: Sequence[str] | None = None,
+    samples: int = 200,
+    seed: int = 0,
+    batch_size: int = 100,
+    progress: bool = False,
+) -> dict:
+    """Run the benchmark; returns ``{"settings": ..., "results": [row, ...], "skipped": {...}}``.
+
+    Each result row: ``protocol``, ``scorer``, ``keep_ratio`` and the metrics of :func:`_tally`
+    (``accuracy``, ``queried_recall`` over the samples whose answer is yes, ``kept_tokens`` ...).
+    """
+    if model is None or processor is None:
+        model, processor = load_toy_vlm()
+    scorers = list(scorers) if scorers is not None else default_scorers()
+    for spec in scorers:
+        parse_scorer(spec)
+    protocols = list(protocols) if protocols is not None else list(PROTOCOLS)
+    for name in protocols:
+        if name not in PROTOCOLS:
+            raise ValueError(f"protocols: unknown protocol {name!r}; valid names are {list(PROTOCOLS)}")
+    ratios = sorted({float(r) for r in keep_ratios}, reverse=True)
+    for r in ratios:
+        if not 0 < r <= 1:
+            raise ValueError(f"keep_ratios: each must be in (0, 1], got {r}")
+    if samples < 1:
+        raise ValueError(f"samples: need at least 1, got {samples}")
+    skipped = {}
+    if "in-prefill" in protocols and not supports_in_prefill():
+        message = "PrunableDynamicCache has no `mode` parameter: in-prefill pruning is not available in this version"
+        logger.warning("protocol (c) skipped: %s", message)
+        skipped["in-prefill"] = message
+        protocols = [p for p in protocols if p != "in-prefill"]
+
+    # fixed, seeded data per protocol (independent streams, so adding a protocol changes no other)
+    data = {}
+    for name in protocols:
+        rng = np.random.default_rng([seed, list(PROTOCOLS).index(name)])
+        if name.startswith("followup"):
+            data[name] = [make_followup(rng, same=name.endswith("same")) for _ in range(samples)]
+        else:
+            data[name] = [make_sample(rng) for _ in range(samples)]
+
+    jobs = []
+    for name in protocols:
+        jobs.append((name, UNPRUNED, 1.0))
+        jobs += [(name, s, r) for s in scorers for r in ratios if r < 1.0]
+    iterator = jobs
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(jobs, desc="toy quality", unit="run")
+        except ImportError:  # pragma: no cover
+            pass
+    results = []
+    start_time = time.time()
+    batches = {name: encode_batches(processor, items, batch_size) for name, items in data.items()}
+    for name, scorer, ratio in iterator:
+        if name.startswith("followup"):
+            metrics = evaluate_followup(model, processor, data[name], scorer, ratio, batches=batches[name])
+        else:
+            mode = "in-prefill" if name == "in-prefill" else None
+            metrics = evaluate_single(model, processor, data[name], scorer, ratio, mode, batches=batches[name])
+        row = {"protocol": name, "scorer": scorer, "keep_ratio": ratio, **metrics}
+        if name == "in-prefill" and scorer != UNPRUNED:
+            row["pruning_layer"] = _pruning_layer(scorer)
+        results.append(row)
+        logger.debug("%s", row)
+    # keep_ratio 1.0 keeps everything: every scorer equals the unpruned model there
+    for name in protocols:
+        base = next(r for r in results if r["protocol"] == name and r["scorer"] == UNPRUNED)
+        if 1.0 in ratios:
+            for scorer in scorers:
+                results.append({**base, "scorer": scorer, "keep_ratio": 1.0, "same_as": UNPRUNED})
+    settings = {
+        "samples": samples,
+        "seed": seed,
+        "keep_ratios": ratios,
+        "scorers": scorers,
+        "protocols": {p: PROTOCOLS[p] for p in protocols},
+        "seconds": round(time.time() - start_time, 1),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+    return {"settings": settings, "results": results, "skipped": skipped}
+
+
+def _lookup(results, protocol, scorer, ratio):
+    for r in results:
+        if r["protocol"] == protocol and r["scorer"] == scorer and r["keep_ratio"] == ratio:
+            return r
+    return None
+
+
+def _fmt(x, percent=False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:.0f}%" if percent else f"{x:.3f}"
+
+
+def markdown_report(report: dict) -> str:
+    """Markdown tables: per protocol, accuracy and queried-cell recall per scorer and keep ratio."""
+    settings, results = report["settings"], report["results"]
+    ratios = settings["keep_ratios"]
+    lines = [
+        "# Toy VLM quality benchmark",
+        "",
+        f"{settings['samples']} samples per protocol (seed {settings['seed']}), transformers "
+        f"{settings['versions']['transformers']}, torch {settings['versions']['torch']}. Cells: accuracy / share "
+        "of the queried colour's cells kept (over the samples whose answer is yes). "
+        "`oracle` keeps the queried cells (upper bound, not a method); text-agnostic baselines: "
+        + ", ".join(f"`{s}`" for s in TEXT_AGNOSTIC if s in settings["scorers"])
+        + ". Keep ratio 1.0 is the unpruned model for every scorer.",
+        "",
+    ]
+    for protocol, description in settings["protocols"].items():
+        base = _lookup(results, protocol, UNPRUNED, 1.0)
+        lines += [f"## {protocol}", "", description + ".", ""]
+        extra = ""
+        if base is not None and "first_turn_accuracy" in base:
+            extra = " First-turn accuracy unpruned: " + _fmt(base["first_turn_accuracy"]) + "."
+        lines += [f"Unpruned accuracy: {_fmt(base['accuracy']) if base else '-'}.{extra}", ""]
+        header = "| scorer | " + " | ".join(f"keep {r:g}" for r in ratios) + " |"
+        lines += [header, "|---|" + "---|" * len(ratios)]
+        for scorer in settings["scorers"]:
+            cells = []
+            for ratio in ratios:
+                r = _lookup(results, protocol, scorer, ratio)
+                cells.append("-" if r is None else f"{_fmt(r['accuracy'])} / {_fmt(r['queried_recall'], True)}")
+            label = f"`{scorer}`" + (" (text-agnostic)" if scorer in TEXT_AGNOSTIC else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for protocol, message in report.get("skipped", {}).items():
+        lines += [f"## {protocol}", "", f"Skipped: {message}.", ""]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: str | Path) -> None:
+    """Accuracy (top) and queried-cell recall (bottom) against keep ratio, one column per protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings, results = report["settings"], report["results"]
+    protocols = list(settings["protocols"])
+    ratios = settings["keep_ratios"]
+    fig, axes = plt.subplots(2, len(protocols), figsize=(4 * len(protocols), 7), squeeze=False, sharey="row")
+    palette = plt.get_cmap("tab20").colors
+    colours = {}
+    for scorer in settings["scorers"]:
+        base = parse_scorer(scorer)[0]
+        if base not in colours:  # a scorer at another layer (NAME@LAYER) shares its scorer's colour
+            colours[base] = palette[(2 * len(colours)) % 20 + (len(colours) >= 10)]
+    for col, protocol in enumerate(protocols):
+        for scorer in settings["scorers"]:
+            base, layer = parse_scorer(scorer)
+            style = dict(marker="o", linewidth=1.5, markersize=4, color=colours[base])
+            if scorer in TEXT_AGNOSTIC:
+                style["linestyle"] = "--"
+            if layer is not None:
+                style.update(linestyle=":", marker="^v<>"[layer % 4], markersize=6)
+            if scorer == ORACLE:
+                style.update(color="black", linestyle=":", marker="s")
+            for row, metric in enumerate(("accuracy", "queried_recall")):
+                xs, ys = [], []
+                for ratio in ratios:
+                    r = _lookup(results, protocol, scorer, ratio)
+                    if r is not None and not math.isnan(r[metric]):
+                        xs.append(ratio)
+                        ys.append(r[metric])
+                axes[row, col].plot(xs, ys, label=scorer, **style)
+        axes[0, col].axhline(0.5, color="gray", linewidth=0.8, linestyle="-.")  # chance
+        axes[0, col].set_ylim(0.4, 1.02)
+        axes[1, col].set_ylim(-0.02, 1.02)
+        for row, metric in enumerate(("accuracy", "share of queried cells kept")):
+            ax = axes[row, col]
+            ax.set_xscale("log")
+            ax.set_xticks(ratios)
+            ax.set_xticklabels([f"{r:g}" for r in ratios])
+            ax.set_xlabel("keep ratio")
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(metric)
+        axes[0, col].set_title(protocol)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"toy VLM: {settings['samples']} samples per protocol")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
+    """Write ``quality.md``, ``quality.json`` and (if ``plot``) ``quality.png`` to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / "quality.md", "json": out_dir / "quality.json"}
+    paths["markdown"].write_text(markdown_report(report))
+    paths["json"].write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    if plot:
+        paths["plot"] = out_dir / "quality.png"
+        plot_report(report, paths["plot"])
+    return paths
+
+
+def _json_default(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    raise TypeError(type(x).__name__)
+
+
+def _csv(value: str, cast=str) -> list:
+    return [cast(v.strip()) for v in value.split(",") if v.strip()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparse_cache.toy.quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=200, help="samples per protocol (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scorers", type=lambda v: _csv(v), default=None,
+                        help="comma-separated scorers, NAME or NAME@LAYER to override the scoring layer (default: "
+                             "every "
+                             f"registered scorer and the oracle: {','.join(default_scorers())})")
+    parser.add_argument("--keep-ratios", type=lambda v: _csv(v, float), default=list(KEEP_RATIOS))
+    parser.add_argument("--protocols", type=lambda v: _csv(v), default=None, help=f"subset of {','.join(PROTOCOLS)}")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped toy VLM)")
+    parser.add_argument("--out-dir", default="benchmarks/quality")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these small ops gain nothing from more, and lose a lot "
+                             "when the cores are shared)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads < 1:
+        parser.error(f"--threads: must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    model, processor = load_toy_vlm(path=args.checkpoint)
+    try:
+        report = run_quality(model, processor, args.scorers, args.keep_ratios, args.protocols, args.samples,
+                             args.seed, args.batch_size, progress=not args.no_progress)
+    except ValueError as error:
+        parser.error(str(error))
+    paths = write_report(report, args.out_dir, plot=not args.no_plot)
+    print(markdown_report(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
