@@ -1158,13 +1158,27 @@ def write_plots(result: BenchResult, base: str) -> dict[str, str]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    base_row, pruned = result.rows[0], sorted(result.rows[1:], key=lambda r: r["keep_ratio"])
-    ratios = [r["keep_ratio"] for r in pruned]
+    base_row = result.rows[0]
+    modes = sorted({r.get("mode") or "post-prefill" for r in result.rows[1:]})
+    groups = {m: sorted([r for r in result.rows[1:] if (r.get("mode") or "post-prefill") == m],
+                        key=lambda r: r["keep_ratio"]) for m in modes}
+    ratios = sorted({r["keep_ratio"] for r in result.rows[1:]})
     title = (f"{result.settings['model']}: {result.settings['visual_tokens_per_row']} visual tokens, batch "
              f"{result.settings['batch_size']}, {result.environment['device']} {result.environment['dtype']}")
 
-    def series(key: str, scale: float = 1.0):
-        return [None if r[key] is None else r[key] * scale for r in pruned]
+    def plot(ax, key, scale, style, label, color):
+        """One line per mode (in-prefill dash-dotted); returns whether anything was drawn."""
+        drawn = False
+        for mode, rows in groups.items():
+            values = [None if r[key] is None else r[key] * scale for r in rows]
+            if all(v is None or v == 0 for v in values):
+                continue
+            suffix = f" ({mode})" if len(groups) > 1 else ""
+            line = style if mode != "in-prefill" else style.replace("-", "-.").replace(":", "-.")
+            ax.plot([r["keep_ratio"] for r in rows], values, line, label=label + suffix, color=color,
+                    alpha=1.0 if mode != "in-prefill" else 0.8)
+            drawn = True
+        return drawn
 
     def baseline_line(ax, value, label, color):
         if value is not None:
@@ -1176,32 +1190,35 @@ def write_plots(result: BenchResult, base: str) -> dict[str, str]:
         ax.set_xticks(ratios)
         ax.set_xticklabels([f"{r:g}" for r in ratios])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
 
     paths = {}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    ax.plot(ratios, series("prefill_s", 1e3), "o-", label="prefill", color="C0")
-    ax.plot(ratios, series("vision_s", 1e3), "^-", label="vision tower (runs before the prefill)", color="C4")
-    if any(v is not None for v in series("score_s")):
-        ax.plot(ratios, series("score_s", 1e3), "s-", label="scoring", color="C1")
-    compact = [v if v else None for v in series("compact_s", 1e3)]
-    if any(v is not None for v in compact):
-        ax.plot(ratios, compact, "d-", label="compaction", color="C2")
+    plot(ax, "prefill_s", 1e3, "o-", "prefill", "C0")
+    plot(ax, "vision_s", 1e3, "^-", "vision tower (runs before the prefill)", "C4")
+    plot(ax, "score_s", 1e3, "s-", "scoring", "C1")
+    plot(ax, "compact_s", 1e3, "d-", "compaction", "C2")
+    if any(r.get("flops_model_prefill_vs_base") not in (None, 1.0) for r in result.rows[1:]) and base_row["prefill_s"]:
+        for r in result.rows[1:]:
+            r["_flops_ms"] = (r["flops_model_prefill_vs_base"] or 1.0) * base_row["prefill_s"]
+        plot(ax, "_flops_ms", 1e3, "x:", "prefill, FLOPs model", "C3")
+        for r in result.rows[1:]:
+            r.pop("_flops_ms", None)
     baseline_line(ax, base_row["prefill_s"] and base_row["prefill_s"] * 1e3, "prefill, baseline", "C0")
     ax.set_yscale("log")
     ax.set_title("prefill (ms, log scale)")
     finish(ax, "ms")
     ax = axes[1]
-    ax.plot(ratios, series("decode_per_token_s", 1e3), "o-", label="measured", color="C0")
-    ax.plot(ratios, series("bytes_model_decode_per_token_s", 1e3), "x:", label="bytes model (KV read once)",
-            color="C3")
-    ax.plot(ratios, series("bytes_model_kv3_decode_per_token_s", 1e3), "+:", label="bytes model, KV x3", color="C5")
+    plot(ax, "decode_per_token_s", 1e3, "o-", "measured", "C0")
+    plot(ax, "bytes_model_decode_per_token_s", 1e3, "x:", "bytes model (KV read once)", "C3")
+    plot(ax, "bytes_model_kv3_decode_per_token_s", 1e3, "+:", "bytes model, KV x3", "C5")
     baseline_line(ax, base_row["decode_per_token_s"] and base_row["decode_per_token_s"] * 1e3, "baseline", "C0")
     ax.set_title("decode per token (ms)")
     finish(ax, "ms / token")
     ax = axes[2]
-    ax.plot(ratios, series("e2e_s"), "o-", label=f"{result.settings['new_tokens']} new tokens", color="C0")
+    plot(ax, "e2e_s", 1.0, "o-", f"{result.settings['new_tokens']} new tokens", "C0")
     baseline_line(ax, base_row["e2e_s"], "baseline", "C0")
     ax.set_title("end-to-end generate (s)")
     finish(ax, "s")
@@ -1213,14 +1230,13 @@ def write_plots(result: BenchResult, base: str) -> dict[str, str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     ax = axes[0]
-    if any(v is not None for v in series("peak_mem_bytes")):
-        ax.plot(ratios, series("peak_mem_bytes", 2**-20), "o-", label="pruned", color="C0")
+    if plot(ax, "peak_mem_bytes", 2**-20, "o-", "pruned", "C0"):
         baseline_line(ax, base_row["peak_mem_bytes"] and base_row["peak_mem_bytes"] / 2**20, "baseline", "C0")
     ax.set_title("peak memory of the call above its start (MiB)")
     ax.set_ylim(bottom=0)
     finish(ax, "MiB")
     ax = axes[1]
-    ax.plot(ratios, series("kv_bytes_prefill", 2**-20), "o-", label="KV cache after prefill", color="C2")
+    plot(ax, "kv_bytes_prefill", 2**-20, "o-", "KV cache after prefill", "C2")
     baseline_line(ax, base_row["kv_bytes_prefill"] / 2**20, "baseline", "C2")
     ax.set_title("KV cache after prefill (MiB)")
     ax.set_ylim(bottom=0)
