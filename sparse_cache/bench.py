@@ -1339,7 +1339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     first = all_settings[0]
-    device, dtype = torch.device(first.device), first.resolved_dtype()
+    dtype = first.resolved_dtype()
     # One processor for every case: pixel bounds that keep each benchmark image at its own size.
     sizes = [s.image_size or image_size_for_visual_tokens(s.visual_tokens) for s in all_settings]
     areas = [_rounded_area(w, h, 28) for w, h in sizes]

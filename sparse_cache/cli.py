@@ -270,8 +270,6 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype, attn:
 
     from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from . import testing  # noqa: F401  registers the tiny test processor class with AutoProcessor
-
     expanded = os.path.expanduser(name)
     if not name.strip():
         raise CLIError(f"--model: empty name; pass a Hub id or a local directory, e.g. --model {EXAMPLE_MODEL}")

@@ -162,11 +162,6 @@ def build_preset_model(
     # Parameters on meta (no memory, initialisation is free); buffers (rotary inv_freq) are computed for real.
     with init_empty_weights(include_buffers=False):
         model = Qwen2_5_VLForConditionalGeneration(config)
-    if not materialize:
-        model.tie_weights()
-        return model.eval()
-    _materialize(model, device, dtype, preset.init_std, seed)
-    model.eval()
     text_config = config.get_text_config()
     model.generation_config = GenerationConfig(
         bos_token_id=text_config.bos_token_id,
@@ -174,6 +169,11 @@ def build_preset_model(
         pad_token_id=text_config.pad_token_id,
         do_sample=False,
     )
+    if not materialize:
+        model.tie_weights()
+        return model.eval()
+    _materialize(model, device, dtype, preset.init_std, seed)
+    model.eval()
     logger.info(
         "built preset %s on %s (%s, %s): %.3fB parameters",
         name, device, dtype, attn_implementation, _count_parameters(model) / 1e9,

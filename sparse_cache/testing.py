@@ -31,12 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import (
-    AutoProcessor,
     BatchFeature,
     GenerationConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
     PreTrainedTokenizerFast,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -122,12 +120,18 @@ _NUM_MERGES = 160
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _learn_bpe_merges(words: Sequence[str], num_merges: int) -> list[tuple[str, str]]:
-    """Learn BPE merges over pre-tokenized (byte-level) ``words``; ties break lexicographically."""
+def learn_bpe_merges(
+    words: Sequence[str], num_merges: int | None = None, min_count: int = 1
+) -> list[tuple[str, str]]:
+    """Learn BPE merges over pre-tokenized (byte-level) ``words``; ties break lexicographically.
+
+    Stops after ``num_merges`` merges (``None``: until every word is one token) or when the most
+    frequent pair occurs fewer than ``min_count`` times. Pure Python, so identical across versions.
+    """
     freqs = Counter(words)
     splits = {w: list(w) for w in freqs}
     merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
+    while num_merges is None or len(merges) < num_merges:
         pairs: Counter = Counter()
         for w, f in freqs.items():
             s = splits[w]
@@ -136,7 +140,7 @@ def _learn_bpe_merges(words: Sequence[str], num_merges: int) -> list[tuple[str, 
         if not pairs:
             break
         best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
-        if best[1] < 2:
+        if best[1] < min_count:
             break
         a, b = best[0]
         merges.append((a, b))
@@ -154,43 +158,32 @@ def _learn_bpe_merges(words: Sequence[str], num_merges: int) -> list[tuple[str, 
     return merges
 
 
-@functools.lru_cache(maxsize=1)
-def _bpe_vocab_and_merges() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
-    """Byte-level alphabet (256 symbols, sorted) + merges learnt from the fixed corpus."""
+def byte_level_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """The 256 byte-level symbols (sorted), then every merged symbol, in merge order."""
     from tokenizers import pre_tokenizers
 
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    words = [w for w, _ in byte_level.pre_tokenize_str(_BPE_CORPUS.strip())]
-    merges = _learn_bpe_merges(words, _NUM_MERGES)
     vocab: dict[str, int] = {}
     for sym in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[sym] = len(vocab)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
-    return tuple(vocab.items()), tuple(merges)
+    return vocab
 
 
-def tiny_tokenizer():
-    """Build a tiny byte-level BPE ``PreTrainedTokenizerFast`` with Qwen special tokens.
+def bpe_tokenizer(vocab: dict[str, int], merges: Sequence[tuple[str, str]]):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with the Qwen special tokens and chat template.
 
-    The vocabulary is the 256 byte-level symbols, a fixed set of merges learnt in pure
-    Python from a small corpus, then the :data:`SPECIAL_TOKENS` (ids ``len(base)`` ...).
-    Any text tokenizes (byte fallback through the byte-level alphabet). It carries the
-    Qwen2.5-VL chat template and pads on the left.
+    Special tokens get the ids right after ``vocab`` in :data:`SPECIAL_TOKENS` order; left padding,
+    ``<|im_end|>`` ends a turn, ``<|endoftext|>`` pads (as Qwen2.5-VL).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    vocab, merges = _bpe_vocab_and_merges()
-    vocab, merges = dict(vocab), list(merges)
-
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = byte_level
+    tok = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges), fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     # Register the special tokens on the raw tokenizer first so that they get the ids
     # right after the base vocabulary, in SPECIAL_TOKENS order.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,
@@ -208,6 +201,28 @@ def tiny_tokenizer():
     if ids != expected:  # pragma: no cover - guards against tokenizers behaviour changes
         raise RuntimeError(f"unexpected special token ids {ids}, expected {expected}")
     return tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe_merges() -> tuple[tuple[str, str], ...]:
+    """Merges learnt from the fixed corpus (cached: the tokenizer is built often in tests)."""
+    from tokenizers import pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words = [w for w, _ in byte_level.pre_tokenize_str(_BPE_CORPUS.strip())]
+    return tuple(learn_bpe_merges(words, _NUM_MERGES, min_count=2))
+
+
+def tiny_tokenizer():
+    """Build a tiny byte-level BPE ``PreTrainedTokenizerFast`` with Qwen special tokens.
+
+    The vocabulary is the 256 byte-level symbols, a fixed set of merges learnt in pure
+    Python from a small corpus, then the :data:`SPECIAL_TOKENS` (ids ``len(base)`` ...).
+    Any text tokenizes (byte fallback through the byte-level alphabet). It carries the
+    Qwen2.5-VL chat template and pads on the left.
+    """
+    merges = _bpe_merges()
+    return bpe_tokenizer(byte_level_vocab(merges), merges)
 
 
 def _special_ids(tokenizer=None) -> dict[str, int]:

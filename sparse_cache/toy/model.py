@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +28,15 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 # Importing testing registers TinyQwen2_5_VLProcessor with AutoProcessor (the saved processor_config.json
 # names it), so that AutoProcessor.from_pretrained(TOY_VLM_PATH) works in a fresh process.
-from ..testing import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, SPECIAL_TOKENS, TinyQwen2_5_VLProcessor
+from ..testing import (
+    CHAT_TEMPLATE,
+    DEFAULT_SYSTEM_PROMPT,
+    SPECIAL_TOKENS,
+    TinyQwen2_5_VLProcessor,
+    bpe_tokenizer,
+    byte_level_vocab,
+    learn_bpe_merges,
+)
 from .task import ANSWERS, BACKGROUND_WORD, CELL_PX, COLOURS, GRID, QUESTION_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -73,46 +80,14 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
-    """BPE merges learnt until every word is one token; ties break lexicographically (deterministic)."""
-    splits = {w: list(w) for w in Counter(words)}
-    freqs = Counter(words)
-    merges: list[tuple[str, str]] = []
-    while True:
-        pairs: Counter = Counter()
-        for w, f in freqs.items():
-            s = splits[w]
-            for a, b in zip(s, s[1:]):
-                pairs[(a, b)] += f
-        if not pairs:
-            return merges
-        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
-        merges.append((a, b))
-        for w in freqs:
-            s, out, i = splits[w], [], 0
-            while i < len(s):
-                if i + 1 < len(s) and s[i] == a and s[i + 1] == b:
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            splits[w] = out
-
-
 @functools.lru_cache(maxsize=1)
-def _vocab_and_merges() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
+def _merges() -> tuple[tuple[str, str], ...]:
+    """BPE merges learnt until every word of the task is one token (deterministic)."""
     from tokenizers import pre_tokenizers
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     words = [w for line in _corpus() for w, _ in byte_level.pre_tokenize_str(line)]
-    merges = _learn_merges(words)
-    vocab: dict[str, int] = {}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    return tuple(vocab.items()), tuple(merges)
+    return tuple(learn_bpe_merges(words))
 
 
 def toy_tokenizer() -> PreTrainedTokenizerFast:
@@ -120,25 +95,8 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
 
     Left padding, ``<|im_end|>`` as end of sequence, ``<|endoftext|>`` as padding (as Qwen2.5-VL).
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab, merges = _vocab_and_merges()
-    tok = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges), fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        additional_special_tokens=list(SPECIAL_TOKENS),
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_max_length=4096,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    merges = _merges()
+    tokenizer = bpe_tokenizer(byte_level_vocab(merges), merges)
     for word in [f" {c}" for c in COLOURS] + [f" {BACKGROUND_WORD}"] + list(ANSWERS):
         if len(tokenizer(word, add_special_tokens=False)["input_ids"]) != 1:  # pragma: no cover - guard
             raise RuntimeError(f"toy tokenizer: {word!r} is not a single token")
