@@ -10,6 +10,7 @@ both: logical length for positions and ``generate``'s slicing, physical length f
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -141,23 +142,66 @@ def adapt(model: torch.nn.Module) -> ModelAdapter:
     )
 
 
-# Keyword names of the forwards we hook, in positional order, so that a positional call is read too.
-VLM_FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
-TEXT_FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
+def _cache_keyword() -> str:
+    """The keyword transformers itself uses to pass a cache down (feature-detected, not version-compared).
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` in every forward, in ``generate`` and in
+    ``prepare_inputs_for_generation`` (the old name is still accepted, renamed inside the call by a
+    ``deprecate_kwarg`` decorator, until 5.40).
+    """
+    from transformers.generation.utils import GenerationMixin
+
+    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+#: The keyword this transformers passes caches under, and the one to pass ours under.
+CACHE_KWARG = _cache_keyword()
+#: Every spelling a hooked call may carry a cache under: transformers' own, and the old one a user may
+#: still write on a top-level call (hooks see the caller's keywords, before the rename inside the call).
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def forward_arg_names(module: torch.nn.Module) -> tuple[str, ...]:
+    """Parameter names of ``module.forward`` in positional order (decorators with ``wraps`` are seen through)."""
+    names = []
+    for param in inspect.signature(module.forward).parameters.values():
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            names.append(param.name)
+    return tuple(names)
+
+
+def _index_of(names: tuple[str, ...], name: str) -> int | None:
+    if name in CACHE_KWARGS:
+        for alias in CACHE_KWARGS:
+            if alias in names:
+                return names.index(alias)
+        return None
+    return names.index(name) if name in names else None
 
 
 def get_arg(args: tuple, kwargs: dict, names: tuple[str, ...], name: str):
-    """Read argument ``name`` of a hooked forward whether it was passed by keyword or position."""
-    if name in kwargs:
-        return kwargs[name]
-    idx = names.index(name)
-    return args[idx] if idx < len(args) else None
+    """Read argument ``name`` of a hooked forward whether it was passed by keyword or position.
+
+    ``name`` ``"cache"`` (or ``"past_key_values"``) reads the cache under either spelling.
+    """
+    aliases = CACHE_KWARGS if name in CACHE_KWARGS else (name,)
+    for alias in aliases:
+        if kwargs.get(alias) is not None:
+            return kwargs[alias]
+    idx = _index_of(names, name)
+    return args[idx] if idx is not None and idx < len(args) else None
+
+
+def get_cache(args: tuple, kwargs: dict, names: tuple[str, ...] = ()):
+    """The cache a hooked call carries, under either spelling, by keyword or (given ``names``) position."""
+    return get_arg(args, kwargs, names, "cache")
 
 
 def set_arg(args: tuple, kwargs: dict, names: tuple[str, ...], name: str, value) -> tuple[tuple, dict]:
     """Replace argument ``name`` of a hooked forward, keeping the caller's positional/keyword choice."""
-    idx = names.index(name)
-    if name not in kwargs and idx < len(args):
+    idx = _index_of(names, name)
+    if name not in kwargs and idx is not None and idx < len(args):
         args = args[:idx] + (value,) + args[idx + 1 :]
     else:
         kwargs = dict(kwargs)
@@ -197,3 +241,8 @@ def grids_from_positions(position_ids, block_of: torch.Tensor, is_visual: torch.
             return None
         grids.append((count // (h * w), h, w))
     return grids
+
+
+# Positional names of the forwards we hook (read from the signatures by ``ModelAdapter``; kept for callers).
+VLM_FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", CACHE_KWARG, "inputs_embeds")
+TEXT_FORWARD_ARGS = VLM_FORWARD_ARGS
