@@ -85,6 +85,8 @@ class ModelAdapter:
     spatial_merge_size: int
     num_layers: int
     attn_implementation: str
+    vlm_args: tuple[str, ...] = ()
+    text_args: tuple[str, ...] = ()
 
     @property
     def visual_token_ids(self) -> tuple[int, ...]:
@@ -139,6 +141,8 @@ def adapt(model: torch.nn.Module) -> ModelAdapter:
         spatial_merge_size=int(config.vision_config.spatial_merge_size),
         num_layers=len(text_model.layers),
         attn_implementation=attn_implementation,
+        vlm_args=forward_arg_names(vlm),
+        text_args=forward_arg_names(text_model),
     )
 
 
@@ -243,6 +247,108 @@ def grids_from_positions(position_ids, block_of: torch.Tensor, is_visual: torch.
     return grids
 
 
-# Positional names of the forwards we hook (read from the signatures by ``ModelAdapter``; kept for callers).
-VLM_FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", CACHE_KWARG, "inputs_embeds")
-TEXT_FORWARD_ARGS = VLM_FORWARD_ARGS
+# ----------------------------------------------------------------------------- M-RoPE positions
+# Qwen2.5-VL keeps the M-RoPE offsets of the last call (``rope_deltas``) on the model and reads them for
+# calls without ``position_ids`` and for a continued ``generate``: shared state that threads and
+# interleaved conversations overwrite. A pruned conversation never reads nor writes it: its offsets live
+# in its cache, derived from the positions its own forwards receive, and the functions below compute, from
+# those offsets, exactly what the model would have computed from its attribute.
+
+
+def rope_rows(position_ids: torch.Tensor) -> torch.Tensor:
+    """The rotary rows ``(R, B, S)`` of ``position_ids``: the 3 M-RoPE rows of a ``(4|3, B, S)`` tensor (the
+    text row of a 4-row tensor dropped), the one row of a ``(1, B, S)`` tensor, or a ``(B, S)`` tensor as one row."""
+    if position_ids.ndim == 2:
+        return position_ids[None]
+    return position_ids[-3:] if position_ids.shape[0] >= 3 else position_ids
+
+
+def rope_deltas_from_positions(
+    position_ids: torch.Tensor, token_valid: torch.Tensor, valid_total: torch.Tensor
+) -> torch.Tensor:
+    """``(B, 1)`` M-RoPE offsets in the model's convention (next position = valid tokens seen + delta).
+
+    ``token_valid`` ``(B, S)`` marks this forward's real tokens, ``valid_total`` ``(B,)`` counts the real tokens
+    of the whole sequence up to and including this forward. Equals ``get_rope_index``'s deltas on a prefill.
+    """
+    rows = rope_rows(position_ids).to(token_valid.device)
+    lowest = torch.iinfo(rows.dtype).min if not rows.is_floating_point() else float("-inf")
+    top = rows.masked_fill(~token_valid[None], lowest).amax(dim=(0, 2))
+    return (top + 1 - valid_total.to(top.device)).long().unsqueeze(1)
+
+
+def expand_rope_deltas(deltas: torch.Tensor, batch: int) -> torch.Tensor:
+    """``deltas`` for ``batch`` rows (beam search expands the batch after positions were prepared)."""
+    if deltas.shape[0] == batch:
+        return deltas
+    if batch % deltas.shape[0]:
+        raise ValueError(f"rope deltas of {deltas.shape[0]} rows cannot follow a batch of {batch}")
+    return deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
+
+
+def continuation_positions(
+    deltas: torch.Tensor, past_logical: int, seq_len: int, attention_mask: torch.Tensor | None, device
+) -> torch.Tensor:
+    """``(3, B, S)`` positions of ``seq_len`` text tokens fed after ``past_logical`` tokens seen.
+
+    What Qwen2.5-VL computes for a call without ``position_ids`` (its ``compute_3d_position_ids``), with the
+    conversation's own offsets. With a 2-D mask of the logical length the base is each row's count of real
+    tokens (as ``generate`` does; transformers itself fails on that case, see transformers-notes).
+    """
+    batch = deltas.shape[0] if attention_mask is None else attention_mask.shape[0]
+    deltas = expand_rope_deltas(deltas, batch).to(device)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        mask = attention_mask.to(device).long()
+        base = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -seq_len:]
+    else:
+        base = torch.arange(past_logical, past_logical + seq_len, device=device).expand(batch, -1)
+    return (base + deltas).unsqueeze(0).expand(3, -1, -1)
+
+
+def prefill_positions(vlm: torch.nn.Module, input_ids: torch.Tensor, kwargs: dict, attention_mask):
+    """``(3, B, S)`` M-RoPE positions and ``(B, 1)`` deltas of a prefill called without ``position_ids``, as the
+    model's ``get_rope_index`` computes them (a pure function of the inputs), or ``None`` where the model
+    itself would fall back to plain positions (no grids or no ``mm_token_type_ids``)."""
+    token_types = kwargs.get("mm_token_type_ids")
+    image_grid, video_grid = kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")
+    if token_types is None or (image_grid is None and video_grid is None) or not hasattr(vlm, "get_rope_index"):
+        return None
+    return vlm.get_rope_index(
+        input_ids,
+        mm_token_type_ids=token_types,
+        image_grid_thw=image_grid,
+        video_grid_thw=video_grid,
+        second_per_grid_ts=kwargs.get("second_per_grid_ts"),
+        attention_mask=attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None,
+    )
+
+
+def generation_positions(top: torch.nn.Module, vlm: torch.nn.Module, inputs_tensor, model_kwargs: dict, cache):
+    """``Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation`` for a pruning cache.
+
+    The same computation as the model's (transformers 5.24's, which also re-positions new images of a
+    continued conversation), except that the offsets of a continued conversation come from ``cache`` and the
+    model's ``rope_deltas`` attribute is neither read nor written.
+    """
+    from transformers.generation.utils import GenerationMixin
+
+    text_positions = GenerationMixin._prepare_position_ids_for_generation(top, inputs_tensor, model_kwargs)
+    past_length = cache.get_seq_length()
+    token_types = model_kwargs.get("mm_token_type_ids")
+    has_new_visual = token_types is not None and bool(token_types[:, past_length:].any())
+    deltas = cache.rope_deltas
+    if past_length != 0 and deltas is not None and not has_new_visual:
+        return text_positions[None, ...] + expand_rope_deltas(deltas, text_positions.shape[0]).to(text_positions.device)
+    if "input_ids" in model_kwargs and model_kwargs["input_ids"].shape[1] > 0:
+        inputs_tensor = model_kwargs["input_ids"]
+    is_input_ids = inputs_tensor.ndim == 2 and inputs_tensor.dtype in (torch.int, torch.long)
+    if (
+        is_input_ids
+        and token_types is not None
+        and (model_kwargs.get("image_grid_thw") is not None or model_kwargs.get("video_grid_thw") is not None)
+    ):
+        rope_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("input_ids",) + CACHE_KWARGS}
+        vision_positions, _ = vlm.get_rope_index(inputs_tensor, **rope_kwargs)
+    else:
+        vision_positions = text_positions.unsqueeze(0).expand(3, -1, -1)
+    return torch.cat([text_positions[None, ...], vision_positions], dim=0)

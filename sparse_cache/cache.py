@@ -26,13 +26,19 @@ import torch
 from transformers import DynamicCache
 
 from . import hooks
+import transformers
+
 from ._compat import (
-    TEXT_FORWARD_ARGS,
-    VLM_FORWARD_ARGS,
+    CACHE_KWARG,
     adapt,
+    continuation_positions,
+    expand_rope_deltas,
     gather_rope_tables,
     get_arg,
     grids_from_positions,
+    prefill_positions,
+    rope_deltas_from_positions,
+    rope_rows,
     rope_tables,
     set_arg,
 )
@@ -209,8 +215,8 @@ class PrunableDynamicCache(DynamicCache):
             )
         self._adapter = adapter
         self._generator = torch.Generator().manual_seed(seed)
-        hooks.install(adapter)
         self._reset_state()
+        hooks.hold_for_cache(adapter, self)
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
@@ -229,13 +235,41 @@ class PrunableDynamicCache(DynamicCache):
         self._dropped = 0  # logical minus physical length (L0 - P0)
         self._history: torch.Tensor | None = None  # (B, L) token ids seen, to refuse unrelated reuse
         self._pass: _Pass | None = None
-        self._rope_deltas: torch.Tensor | None = None  # this conversation's M-RoPE offsets (model keeps the last call's)
+        self._rope_deltas: torch.Tensor | None = None  # (B, 1) this conversation's M-RoPE offsets
+        # where the current forward is: None between forwards, "vlm" after the model's pre-hook, "text" inside the
+        # decoder; the self-check reads it (a hook that did not fire must not go unnoticed)
+        self._stage: str | None = None
         self._splitting = False  # inside the prompt-only forward of a split assisted-decoding prefill
         self._prompt_logits: torch.Tensor | None = None
 
     def reset(self) -> None:
         super().reset()
         self._reset_state()
+
+    @property
+    def rope_deltas(self) -> torch.Tensor | None:
+        """``(B, 1)`` M-RoPE offsets of this conversation (next position = real tokens seen + delta), derived from
+        the positions its own forwards received; the model's shared ``rope_deltas`` attribute is never used."""
+        return self._rope_deltas
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self._stage != "text":
+            self._hooks_did_not_fire(
+                f"the cache was written (layer {layer_idx}) by a forward in which sparse_cache's hooks did not run"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _hooks_did_not_fire(self, what: str) -> None:
+        """The self-check: a pruning cache that cannot prune raises instead of returning unpruned results."""
+        self._stage = None
+        self._pass = None
+        raise RuntimeError(
+            f"PrunableDynamicCache self-check failed: {what}. With transformers {transformers.__version__} "
+            f"(cache passed as {CACHE_KWARG!r}) the pruning hooks did not see this call, so nothing would be "
+            "pruned. Pass the cache to the model it was built for (model.generate / model(...) with "
+            f"{CACHE_KWARG}=cache or past_key_values=cache); if you did, this transformers version changed an "
+            "interface sparse_cache relies on: please report it with the version above."
+        )
 
     # ------------------------------------------------------------------ lengths
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -284,6 +318,8 @@ class PrunableDynamicCache(DynamicCache):
             self._prefix_positions = self._prefix_positions[index.to(self._prefix_positions.device)]
         if self._history is not None:
             self._history = self._history[index.to(self._history.device)]
+        if self._rope_deltas is not None:
+            self._rope_deltas = self._rope_deltas[index.to(self._rope_deltas.device)]
         rows = index.tolist()
         if self.kept_visual_positions:
             self.kept_visual_positions = [self.kept_visual_positions[i] for i in rows]
@@ -322,15 +358,6 @@ class PrunableDynamicCache(DynamicCache):
                 "PrunableDynamicCache for each unrelated generate call, or continue the same conversation by "
                 "passing its previous output followed by the new turn."
             )
-
-    def _restore_rope_deltas(self) -> None:
-        """Put this conversation's ``rope_deltas`` back on the model before it computes positions.
-
-        Qwen2.5-VL keeps them on the model and uses them for calls without ``position_ids`` and for a
-        continued ``generate``; another conversation on the same model would otherwise shift ours.
-        """
-        if self._rope_deltas is not None and hasattr(self._adapter.vlm, "rope_deltas"):
-            self._adapter.vlm.rope_deltas = self._rope_deltas
 
     def _on_top_forward(self, module, args, kwargs):
         """Assisted decoding feeds prompt + draft tokens in its first forward (``logits_to_keep`` > 1).
@@ -385,38 +412,47 @@ class PrunableDynamicCache(DynamicCache):
         output.logits = torch.cat([prompt_logits.to(output.logits.dtype), output.logits], dim=1)
         return output
 
-    def _on_vlm_forward(self, module, args, kwargs) -> None:
+    def _on_vlm_forward(self, module, args, kwargs):
+        """Start of a forward of the VLM: capture the visual tokens; positions from this conversation only."""
         if module is not self._adapter.vlm:
             raise ValueError(
-                "past_key_values: this PrunableDynamicCache was built for another model instance; build one "
+                f"{CACHE_KWARG}: this PrunableDynamicCache was built for another model instance; build one "
                 "with PrunableDynamicCache(model, ...) for the model you call"
             )
-        input_ids = get_arg(args, kwargs, VLM_FORWARD_ARGS, "input_ids")
+        names = self._adapter.vlm_args
+        input_ids = get_arg(args, kwargs, names, "input_ids")
         if input_ids is None:
             raise ValueError(
                 "input_ids: PrunableDynamicCache needs input_ids to find the visual tokens; calls with "
                 "inputs_embeds only are not supported"
             )
         self._pass = None  # an earlier forward that raised must not leak into this one
-        if self.get_seq_length() > 0:
-            self._restore_rope_deltas()
+        self._stage = "vlm"
+        past_logical = self.get_seq_length()
         self._history = input_ids if self._history is None else torch.cat([self._history, input_ids.to(self._history.device)], 1)
         adapter = self._adapter
-        is_visual = torch.isin(input_ids, torch.tensor(adapter.visual_token_ids, device=input_ids.device))
-        if not bool(is_visual.any()):
-            return
         batch, seq_len = input_ids.shape
-        mask = get_arg(args, kwargs, VLM_FORWARD_ARGS, "attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            token_valid = mask[:, -seq_len:].to(input_ids.device).bool()
+        is_visual = torch.isin(input_ids, torch.tensor(adapter.visual_token_ids, device=input_ids.device))
+        has_visual = bool(is_visual.any())
+        mask = get_arg(args, kwargs, names, "attention_mask")
+        mask_2d = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        if mask_2d is not None:
+            token_valid = mask_2d[:, -seq_len:].to(input_ids.device).bool()
+            valid_total = mask_2d.to(input_ids.device).bool().sum(-1)
         else:
             token_valid = torch.ones_like(input_ids, dtype=torch.bool)
+            valid_total = torch.full((batch,), past_logical + seq_len, device=input_ids.device)
+        position_ids, result = self._positions(args, kwargs, input_ids, mask, past_logical, has_visual)
+        if position_ids is not None and (past_logical == 0 or has_visual):
+            self._rope_deltas = rope_deltas_from_positions(position_ids, token_valid, valid_total)
+        elif past_logical == 0:
+            self._rope_deltas = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)  # plain positions
+        if not has_visual:
+            return result
         is_visual &= token_valid
         block_of, block_grids = _visual_block_ids(input_ids, is_visual, adapter, kwargs)
         if block_grids is None:
-            block_grids = grids_from_positions(
-                get_arg(args, kwargs, VLM_FORWARD_ARGS, "position_ids"), block_of, is_visual
-            )
+            block_grids = grids_from_positions(position_ids, block_of, is_visual)
         visual_positions, visual_blocks, text_positions = [], [], []
         positions = torch.arange(seq_len, device=input_ids.device)
         for row in range(batch):
@@ -428,7 +464,7 @@ class PrunableDynamicCache(DynamicCache):
             else:
                 text_positions.append(positions[:0])
         self._pass = _Pass(
-            past_logical=self.get_seq_length(),
+            past_logical=past_logical,
             seq_len=seq_len,
             token_valid=token_valid,
             visual_positions=visual_positions,
@@ -436,17 +472,59 @@ class PrunableDynamicCache(DynamicCache):
             block_grids=block_grids,
             text_positions=text_positions,
         )
+        return result
+
+    def _positions(self, args, kwargs, input_ids, mask, past_logical: int, has_visual: bool):
+        """This forward's position ids, and the ``(args, kwargs)`` to hand the model (``None``: unchanged).
+
+        Given ones are used as they are, after checking that a continued text-only forward continues this
+        conversation's offsets. Missing ones are computed here, as the model would, but from this
+        conversation's offsets: the model's shared ``rope_deltas`` attribute is never read nor written.
+        """
+        names = self._adapter.vlm_args
+        position_ids = get_arg(args, kwargs, names, "position_ids")
+        seq_len = input_ids.shape[1]
+        if position_ids is not None:
+            if past_logical > 0 and not has_visual and self._rope_deltas is not None:
+                expected = continuation_positions(self._rope_deltas, past_logical, seq_len, mask, input_ids.device)
+                given = rope_rows(position_ids).to(input_ids.device)
+                if given.shape[-2:] == expected.shape[-2:] and not torch.equal(given, expected[: given.shape[0]]):
+                    raise ValueError(
+                        "position_ids: the positions given do not continue this conversation (its M-RoPE offsets "
+                        f"are {self._rope_deltas.flatten().tolist()}, tokens seen {past_logical}); they were "
+                        "probably computed from another conversation's offsets. Pass positions that continue this "
+                        "conversation, or none."
+                    )
+            return position_ids, None
+        if past_logical == 0:
+            computed = prefill_positions(self._adapter.vlm, input_ids, kwargs, mask)
+            if computed is None:
+                return None, None  # the model falls back to plain positions, as without the library
+            position_ids = computed[0]
+        else:
+            if has_visual:
+                raise ValueError(
+                    "position_ids: a forward that brings new images or videos onto a non-empty "
+                    "PrunableDynamicCache needs explicit position_ids (the model's get_rope_index over the whole "
+                    "conversation); computed from the previous turn's offsets they would be wrong"
+                )
+            position_ids = continuation_positions(self._rope_deltas, past_logical, seq_len, mask, input_ids.device)
+        return position_ids, set_arg(args, kwargs, names, "position_ids", position_ids)
 
     def _on_text_forward(self, args, kwargs):
-        embeds = get_arg(args, kwargs, TEXT_FORWARD_ARGS, "inputs_embeds")
-        mask = get_arg(args, kwargs, TEXT_FORWARD_ARGS, "attention_mask")
+        if self._stage != "vlm":
+            self._hooks_did_not_fire(
+                "the decoder ran without the VLM's forward hook having seen the call (was the cache passed to the "
+                "language model directly, or did the VLM's hook not fire?)"
+            )
+        self._stage = "text"
+        names = self._adapter.text_args
+        embeds = get_arg(args, kwargs, names, "inputs_embeds")
+        mask = get_arg(args, kwargs, names, "attention_mask")
         if embeds is None:
             raise ValueError("inputs_embeds: PrunableDynamicCache expects the decoder to receive inputs_embeds")
         batch, q_len = embeds.shape[:2]
         past_logical = self.get_seq_length()
-        if past_logical == 0:
-            # set by generate's position preparation or by the model's own forward just before this point
-            self._rope_deltas = getattr(self._adapter.vlm, "rope_deltas", None)
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
             if self._prefix_mask is not None:
                 raise ValueError(
@@ -484,7 +562,7 @@ class PrunableDynamicCache(DynamicCache):
                 p.key_valid = physical_mask.to(embeds.device).bool()
         if physical_mask is mask:
             return None
-        return set_arg(args, kwargs, TEXT_FORWARD_ARGS, "attention_mask", physical_mask)
+        return set_arg(args, kwargs, names, "attention_mask", physical_mask)
 
     def _on_attention(self, module, args, kwargs) -> None:
         p = self._pass
@@ -560,18 +638,33 @@ class PrunableDynamicCache(DynamicCache):
         context.hidden_states = context.cos = context.sin = context.keys = context.attn_module = None
         p.context = context
 
-    def _on_text_forward_end(self) -> None:
-        p = self._pass
-        if p is None:
+    def _on_text_forward_end(self, failed: bool = False) -> None:
+        """End of the decoder's forward: select and compact, then check that what had to happen did."""
+        p, stage = self._pass, self._stage
+        self._pass, self._stage = None, None
+        if failed or p is None:
             return
-        self._pass = None
+        if stage != "text":
+            self._hooks_did_not_fire("the decoder's pre-hook did not run for a forward that holds visual tokens")
+        if self.mode == "in-prefill" and not p.cuts and p.scores is not None:
+            self._hooks_did_not_fire(
+                f"in-prefill mode scored at layer {self._stage_layers[p.stage]} but the decoder layer's hook did not "
+                "cut its output"
+            )
         if p.cuts:  # in-prefill: later layers already hold the kept layout
+            if p.stage != len(self._stage_layers):
+                self._hooks_did_not_fire(
+                    f"in-prefill mode ran {p.stage} of its {len(self._stage_layers)} pruning stages"
+                )
             with torch.no_grad():
                 self._finish_in_prefill(p)
             return
         if p.scores is None:
             if self.scoring_layer is not None:
-                raise RuntimeError(f"scoring layer {self.scoring_layer} did not run during the forward")
+                self._hooks_did_not_fire(
+                    f"the scoring layer {self.scoring_layer}'s attention hook did not run during a forward that "
+                    "holds visual tokens"
+                )
             self._score(p, self._context(p))
         with torch.no_grad():
             keeps = self._select(p)
@@ -579,6 +672,7 @@ class PrunableDynamicCache(DynamicCache):
             if all(d.numel() == 0 for d in dropped_local):
                 return  # nothing dropped: leave the cache exactly as a DynamicCache would hold it
             self._compact(p, dropped_local)
+            self._check_compacted(p, dropped_local)
 
     # ------------------------------------------------------------------ select + compact
     def _stage_budget(self, stage: int) -> tuple[float | None, int | None]:
@@ -674,6 +768,19 @@ class PrunableDynamicCache(DynamicCache):
         positions = self._column_positions(p, keep.device).gather(1, index).masked_fill(~new_mask, -1)
         self._gather_layers(index, self.layers)
         self._set_prefix(p, new_mask, positions)
+
+    def _check_compacted(self, p: _Pass, dropped_local: list[torch.Tensor]) -> None:
+        """Every layer holds the compacted layout, and each row lost exactly its dropped visual tokens."""
+        physical = self.get_physical_length()
+        lengths = {layer.keys.shape[2] for layer in self.layers if layer.is_initialized and layer.keys is not None}
+        expected = p.key_valid.sum(1).cpu() - torch.tensor([d.numel() for d in dropped_local])
+        if lengths != {physical} or not torch.equal(self._prefix_mask.sum(1).cpu(), expected):
+            raise RuntimeError(
+                "PrunableDynamicCache self-check failed: after compaction the layers hold "
+                f"{sorted(lengths)} entries (expected {physical} each) and the rows hold "
+                f"{self._prefix_mask.sum(1).tolist()} real entries (expected {expected.tolist()}); "
+                f"transformers {transformers.__version__}"
+            )
 
     def _gather_layers(self, index: torch.Tensor, layers) -> None:
         """Every given layer keeps the physical columns ``index`` ``(B, P')`` of its keys and values."""
