@@ -1,5 +1,6 @@
 """Pipelines, enable/disable, accelerate offload, interleaved conversations, logging, refusals."""
 
+import gc
 import logging
 
 import pytest
@@ -69,7 +70,12 @@ def test_enable_prunes_every_generate_and_disable_restores(processor, single_inp
     sparse_cache.disable(model)
     assert not sparse_cache.is_enabled(model)
     assert "generate" not in vars(model)
+    # the outputs still hold their caches (a conversation could continue): the hooks stay until they go
+    assert sparse_cache.hooks.is_installed(model)
+    del pruned, reference, created[:]
+    gc.collect()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert "prepare_inputs_for_generation" not in vars(model)
     again = generate(model, single_inputs)
     for a, b in zip(plain.logits, again.logits):
         assert torch.equal(a, b)
