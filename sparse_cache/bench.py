@@ -25,6 +25,12 @@ the machine hits every configuration alike. Each run generates exactly ``new_tok
   growth of the peak RSS of the process (``peak_rss_delta_bytes``) is recorded too;
 * ``kv_bytes``: keys plus values of every layer right after the prefill (after compaction).
 
+A configuration with a keep ratio that drops tokens must have pruned: if its cache kept every visual
+token (e.g. a transformers version whose ``generate`` hides the cache from the library), the run stops
+with :class:`NothingPrunedError` (``sparse-cache-bench`` prints it as one line and exits 1) instead of
+recording ratios of two unpruned runs. ``keep=1`` keeps everything by request: its row is marked
+``"control": true`` (its ratios are the library's overhead and the timing noise, not a speed-up).
+
 Times are medians over the repeats (CUDA times come from CUDA events around each region, resolved after
 a ``torch.cuda.synchronize``). Ratios are against the baseline of the same run. The bytes model predicts
 the decode time per token from the bytes one step must read: the weights the decoder reads (decoder
@@ -62,10 +68,11 @@ from transformers import DynamicCache, GenerationConfig
 
 from . import cache as _cache_module
 from . import presets, testing
-from ._compat import SUPPORTED_ATTENTION, adapt
+from ._compat import CACHE_KWARG, MAX_TRANSFORMERS_EXCLUSIVE, MIN_TRANSFORMERS, SUPPORTED_ATTENTION, adapt
 from .cache import PrunableDynamicCache
 from .hooks import uninstall
 from .scorers import SCORERS
+from .select import budget as _budget
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +89,7 @@ __all__ = [
     "format_markdown",
     "write_outputs",
     "main",
+    "NothingPrunedError",
 ]
 
 DEFAULT_KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
@@ -134,6 +142,10 @@ _RATIO_NAMES = {
     "kv_bytes_prefill": "kv_vs_base",
     "peak_rss_delta_bytes": "peak_rss_delta_vs_base",
 }
+
+
+class NothingPrunedError(RuntimeError):
+    """A configuration that asked to drop visual tokens kept them all: its times would be a false speed-up."""
 
 
 # --------------------------------------------------------------------------- settings and validation
@@ -429,6 +441,7 @@ class _Probe:
     def stop(self) -> None:
         self.mark("run_end")
         self.active = False
+        self.cache = None  # a pruning cache keeps the model's hooks while it lives
 
     def mark(self, label: str) -> None:
         if not self.active:
@@ -515,6 +528,37 @@ def _run_metrics(times: list[tuple[str, float]], new_tokens: int) -> dict[str, f
         "decode_per_token_s": (run_end - first_end) / (new_tokens - 1) if new_tokens > 1 else None,
         "e2e_s": run_end,
     }
+
+
+def _check_pruned(config, cache, record: dict, visual_per_row: list[int], sequence_length: int) -> None:
+    """Mark ``record["pruned"]``; raise :class:`NothingPrunedError` if ``config`` asked to drop tokens and did not.
+
+    Pruning happened iff the cache recorded its kept positions, fewer than the visual tokens in every row
+    whose budget drops some, and stored fewer entries after the prefill than the prompt is long.
+    """
+    expects = [_budget(v, config.keep_ratio, None) < v for v in visual_per_row]
+    record["pruned"] = any(expects)
+    if not record["pruned"]:
+        return  # keep=1 (or a ratio that rounds to every token): a control, by request
+    kept = getattr(cache, "kept_visual_positions", None)
+    physical = record.get("physical_length_prefill")
+    rows_kept = [int(k.numel()) for k in kept] if kept else None
+    if rows_kept is not None and physical is not None and physical < sequence_length and all(
+        n < v for n, v, e in zip(rows_kept, visual_per_row, expects) if e
+    ):
+        return
+    import transformers
+
+    what = (
+        "the cache recorded no selection (sparse_cache never saw its cache inside generate)" if rows_kept is None
+        else f"the cache kept {rows_kept} of {visual_per_row} visual tokens per row"
+    )
+    raise NothingPrunedError(
+        f"nothing was pruned with transformers {transformers.__version__}: {config.label} ({config.mode}) asked to keep "
+        f"{config.keep_ratio:g} of the visual tokens, but {what}; {physical} of {sequence_length} entries stored after "
+        f"the prefill. No ratio is recorded for a run that pruned nothing (sparse_cache supports transformers "
+        f">={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS_EXCLUSIVE})."
+    )
 
 
 def _read_proc_status(field_name: str) -> int | None:
@@ -751,6 +795,7 @@ def run_benchmark(
 
     def make_cache(config: _Config):
         if config.keep_ratio is None:
+            gc.collect()  # pruned runs' caches go, and with the last one the hooks
             uninstall(model)  # the baseline runs as without the library
             return DynamicCache(config=model.config)
         extra = {} if config.mode == "post-prefill" else {"mode": config.mode}
@@ -765,7 +810,7 @@ def run_benchmark(
         return cache
 
     def generate(cache):
-        output = model.generate(**inputs, past_key_values=cache, generation_config=generation_config)
+        output = model.generate(**inputs, **{CACHE_KWARG: cache}, generation_config=generation_config)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         if sequences.shape[1] != sequence_length + settings.new_tokens:
             raise RuntimeError(
@@ -802,6 +847,8 @@ def run_benchmark(
         record["kv_bytes_final"] = kv_cache_bytes(cache)
         kept = getattr(cache, "kept_visual_positions", None)
         record["kept_visual_per_row"] = [int(k.numel()) for k in kept] if kept else list(visual_per_row)
+        if config.keep_ratio is not None:
+            _check_pruned(config, cache, record, visual_per_row, sequence_length)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
             record["peak_mem_bytes"] = peak - allocated_before
@@ -908,6 +955,11 @@ def _summarise(
             row[metric + "_max"] = max(present) if present else None
         kept = mine[0]["kept_visual_per_row"]
         row["kept_visual_per_row"] = kept[0] if len(set(kept)) == 1 else statistics.mean(kept)
+        if config.keep_ratio is not None:
+            row["pruned"] = all(r.get("pruned", False) for r in mine)
+            row["control"] = not row["pruned"]  # kept every visual token by request: not a speed-up
+        else:
+            row["pruned"] = row["control"] = None
         row["kv_bytes_prefill"] = mine[0]["kv_bytes_prefill"]
         row["physical_length_prefill"] = mine[0]["physical_length_prefill"]
         row["kv_bytes_final"] = mine[0]["kv_bytes_final"]
@@ -1082,6 +1134,11 @@ def format_markdown(result: BenchResult) -> str:
             f"| {'n/a' if row.get('flops_model_prefill_vs_base') is None else format(row['flops_model_prefill_vs_base'], '.3f')} |"
         )
     lines.append("")
+    controls = [row["config"] for row in result.rows if row.get("control")]
+    if controls:
+        lines.append(f"{', '.join(controls)}: every visual token kept by request, so its ratios are a control (the "
+                     "library's overhead and the timing noise of this machine), not a speed-up.")
+        lines.append("")
     lines.append(f"Peak memory: {s['peak_memory_method']}. Bytes model: decode weights "
                  f"{s['decode_weight_bytes'] / 2**20:.1f} MiB + KV averaged over the decode steps; \"KV x3\" counts "
                  "the KV bytes three times (DynamicCache's torch.cat reads and writes the cache, attention reads it).")
@@ -1105,7 +1162,7 @@ _CSV_FIELDS = [
     "decode_per_token_vs_base", "kv_bytes_decode_avg", "bytes_model_decode_per_token_s",
     "decode_measured_over_model", "bytes_model_kv3_decode_per_token_s", "decode_measured_over_model_kv3", "e2e_s",
     "e2e_s_min", "e2e_s_max", "e2e_vs_base", "flops_model_prefill_vs_base", "prefill_measured_over_flops_model",
-    "mode", "scoring_layer", "peak_mem_bytes", "peak_mem_vs_base", "peak_mem_abs_bytes", "peak_rss_delta_bytes", "peak_rss_delta_vs_base",
+    "mode", "scoring_layer", "pruned", "control", "peak_mem_bytes", "peak_mem_vs_base", "peak_mem_abs_bytes", "peak_rss_delta_bytes", "peak_rss_delta_vs_base",
 ]
 _CSV_CONTEXT = ["model", "device", "dtype", "attn_implementation", "visual_tokens_per_row", "batch_size", "new_tokens"]
 
@@ -1362,6 +1419,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("interrupted: %d of %d case(s) finished and written to %s", done, len(all_settings),
                          args.out_dir)
             return 130
+        except RuntimeError as err:  # NothingPrunedError, or the library refusing a call it cannot prune
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.exception("run failed")
+            message = " ".join(str(err).split()) or type(err).__name__
+            if not isinstance(err, NothingPrunedError):
+                import transformers
+
+                message = f"{type(err).__name__}: {message} (transformers {transformers.__version__})"
+            finished = f"; {done} earlier case(s) written to {args.out_dir}" if done else ""
+            sys.stderr.write(f"sparse-cache-bench: error: {message}{finished}\n")
+            return 1
         if args.name is not None:
             result.name = args.name
         write_outputs(result, args.out_dir, plots=not args.no_plots)

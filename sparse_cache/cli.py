@@ -13,9 +13,19 @@ non-zero exit status; ``--debug`` shows tracebacks and the library's debug log.
 
 Timing: ``prefill`` is the wall time of the model's first forward inside ``generate`` (vision tower,
 the whole prompt, and with pruning the scoring and the cache compaction, which happen inside it);
-``decode`` is the rest of ``generate``, i.e. the following one-token steps. An untimed pruned and unpruned
-``generate`` warm the model up first; CUDA is synchronised around every timestamp; ``--repeats N`` reports
-the median of N runs (pruned and unpruned runs alternate).
+``decode`` is the rest of ``generate``, i.e. the following one-token steps. CUDA is synchronised around
+every timestamp. Without ``--compare`` the answer's own run is timed (``--repeats N``: median of N).
+With ``--compare`` the answers come from one pruned and one unpruned run of ``--max-new-tokens``, and
+the speed-up from separate timing runs that generate exactly ``--timing-tokens`` tokens (default 16,
+EOS ignored): one untimed warm-up of each configuration, then ``--repeats`` (default 5) pairs run
+interleaved (unpruned, pruned, unpruned, pruned, ...); the speed-up is the median of the per-pair
+ratios with their min-max, and plain-words notes say when the spread straddles 1.0, when the input is
+too small for timing to mean anything, and that post-prefill pruning cannot make the prefill faster.
+
+Never silently wrong: a run that asked to prune and kept every visual token (e.g. a transformers
+version whose ``generate`` hides the cache from the library) is an error, not a report; a run that
+prunes nothing by request (``--keep-ratio 1``) says so and reports its ratios as a control, never as a
+speed-up.
 """
 
 from __future__ import annotations
@@ -43,6 +53,12 @@ DEFAULT_PROMPT = "Describe this image."
 SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
 EXAMPLE_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: --compare: timed pairs (unpruned, pruned) by default, untimed warm-up runs of each, new tokens per timed run
+DEFAULT_COMPARE_REPEATS = 5
+COMPARE_WARMUP = 1
+DEFAULT_TIMING_TOKENS = 16
+#: below this many visual tokens, per-call costs dwarf what pruning saves: timing is noise (docs/benchmarks.md)
+MIN_VISUAL_TOKENS_FOR_TIMING = 1024
 
 
 class CLIError(Exception):
@@ -88,6 +104,13 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _timing_tokens(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (one prefill and at least one decode step), got {value}")
     return value
 
 
@@ -152,10 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N", help="default 32")
     gen.add_argument("--overlay", metavar="PATH", help="write the image with pruned tokens dimmed (PNG)")
     gen.add_argument("--heatmap", metavar="PATH", help="write a heat map of the visual-token scores (PNG)")
-    gen.add_argument("--compare", action="store_true", help="also run unpruned and report the speed-up")
     gen.add_argument(
-        "--repeats", type=_positive_int, default=1, metavar="N",
-        help="timed runs of each configuration; the median time is reported (default 1)",
+        "--compare", action="store_true",
+        help="also run unpruned: its answer, and the speed-up from interleaved timing runs (median and spread)",
+    )
+    gen.add_argument(
+        "--repeats", type=_positive_int, default=None, metavar="N",
+        help=f"timed runs of each configuration, medians reported (default {DEFAULT_COMPARE_REPEATS} with --compare, "
+        "run as interleaved unpruned/pruned pairs; else 1)",
+    )
+    gen.add_argument(
+        "--timing-tokens", type=_timing_tokens, default=DEFAULT_TIMING_TOKENS, metavar="N",
+        help=f"--compare: new tokens every timing run generates, exactly (default {DEFAULT_TIMING_TOKENS}; "
+        "the printed answers use --max-new-tokens)",
     )
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     gen.add_argument(
@@ -365,11 +397,19 @@ class _FirstForwardTimer:
             handle.remove()
 
 
-def timed_generate(model, inputs, max_new_tokens: int, device: torch.device, cache=None):
-    """Greedy ``generate``; returns ``(sequences, Timing)``."""
+def timed_generate(model, inputs, max_new_tokens: int, device: torch.device, cache=None, exact: bool = False):
+    """Greedy ``generate``; returns ``(sequences, Timing)``.
+
+    ``cache`` is passed under the keyword this transformers uses (``cache`` from 5.24, ``past_key_values``
+    before); ``exact``: generate exactly ``max_new_tokens`` tokens (EOS ignored), for timing runs.
+    """
+    from ._compat import CACHE_KWARG
+
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    if exact:
+        kwargs["min_new_tokens"] = max_new_tokens
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[CACHE_KWARG] = cache
     with torch.no_grad(), _FirstForwardTimer(model, device) as timer:
         sequences = model.generate(**inputs, **kwargs)
         finished = timer.now()
@@ -405,6 +445,127 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+#: speed-up metrics of --compare: name -> how to read the time from a Timing
+SPEEDUP_METRICS = {
+    "prefill": lambda t: t.prefill_s,
+    "decode_per_token": lambda t: t.decode_s_per_token,
+    "total": lambda t: t.total_s,
+}
+
+
+def ratio_summary(unpruned: list[Timing], pruned: list[Timing]) -> dict:
+    """Per metric, the median, min and max of the per-pair ratios unpruned / pruned (> 1: pruned is faster).
+
+    ``unpruned[i]`` and ``pruned[i]`` are the runs of pair ``i`` (run back to back), so drift of the machine
+    cancels within a pair; ``n`` is the number of pairs with a ratio.
+    """
+    out = {}
+    for name, read in SPEEDUP_METRICS.items():
+        ratios = [r for r in (_ratio(read(u), read(p)) for u, p in zip(unpruned, pruned)) if r is not None]
+        out[name] = {
+            "median": statistics.median(ratios) if ratios else None,
+            "min": min(ratios) if ratios else None,
+            "max": max(ratios) if ratios else None,
+            "n": len(ratios),
+        }
+    return out
+
+
+def timing_notes(ratios: dict, *, mode: str, visual_tokens: int, control: bool, repeats: int) -> list[str]:
+    """Plain-words caveats of a --compare timing (see :func:`ratio_summary`)."""
+    notes = []
+    if control:
+        notes.append(
+            "nothing was pruned by request: pruned and unpruned runs do the same work, so these ratios are a "
+            "control (the timing noise and overhead of this machine), not a speed-up"
+        )
+    elif mode == "post-prefill":
+        notes.append(
+            "prefill is not expected to be faster in post-prefill mode: the prefill computes every token and the "
+            "cache is pruned at its end; the gain is in decode (use --mode in-prefill to prune inside the prefill)"
+        )
+    if not control:
+        for name, label in (("prefill", "prefill"), ("decode_per_token", "decode per token")):
+            r = ratios.get(name) or {}
+            if r.get("min") is not None and r["min"] <= 1.0 <= r["max"]:
+                notes.append(
+                    f"{label}: the spread {_times(r['min'])}-{_times(r['max'])} straddles 1.0, so this run shows no "
+                    "reliable difference"
+                )
+    if visual_tokens < MIN_VISUAL_TOKENS_FOR_TIMING:
+        notes.append(
+            f"timing on a {visual_tokens}-visual-token input is noise-dominated (fixed per-call costs dwarf the "
+            "tokens pruned); see docs/benchmarks.md for measured numbers"
+        )
+    if repeats < 3:
+        notes.append(f"{repeats} timed pair{'s' * (repeats > 1)} give no meaningful spread; use --repeats 5 or more")
+    return notes
+
+
+def pruning_request(args: argparse.Namespace, keep_ratio: float, total_visual: int) -> str | None:
+    """``None`` if the run asks to prune some of the ``total_visual`` tokens, else why it keeps them all."""
+    from .select import budget
+
+    if args.adaptive_scale is not None:
+        return None
+    if args.keep_tokens is not None:
+        if args.keep_tokens >= total_visual:
+            return f"--keep-tokens {args.keep_tokens} is not below the image's {total_visual} visual tokens"
+        return None
+    if budget(total_visual, keep_ratio, None) >= total_visual:
+        return f"keep_ratio={keep_ratio:g} keeps every one of the image's {total_visual} visual tokens"
+    return None
+
+
+def _budget_text(args: argparse.Namespace, keep_ratio: float) -> str:
+    if args.adaptive_scale is not None:
+        return f"--adaptive-scale {args.adaptive_scale:g}"
+    if args.keep_tokens is not None:
+        return f"--keep-tokens {args.keep_tokens}"
+    return f"keep_ratio={keep_ratio:g}"
+
+
+def check_pruned(cache, total_visual: int, budget_text: str) -> int:
+    """The number of visual tokens ``cache`` kept; :class:`CLIError` if it kept them all.
+
+    Called only for runs that asked to prune. Pruning happened iff the cache recorded kept positions, fewer
+    than the visual tokens, and stores fewer entries than the sequence is long.
+    """
+    import transformers
+
+    from ._compat import MAX_TRANSFORMERS_EXCLUSIVE, MIN_TRANSFORMERS
+
+    kept_positions = getattr(cache, "kept_visual_positions", None)
+    kept = int(kept_positions[0].numel()) if kept_positions else None
+    physical, logical = cache.get_physical_length(), cache.get_seq_length()
+    if kept is not None and kept < total_visual and physical < logical:
+        return kept
+    if kept is None:
+        what = (f"the cache recorded no selection and kept all {total_visual} visual tokens ({physical} of {logical} "
+                "entries stored): sparse_cache never saw its cache inside generate")
+    else:
+        what = f"the cache kept {kept} of {total_visual} visual tokens ({physical} of {logical} entries stored)"
+    raise CLIError(
+        f"nothing was pruned with transformers {transformers.__version__}: {what}, although {budget_text} asks to "
+        f"prune; no speed-up is reported (sparse_cache supports transformers >={MIN_TRANSFORMERS},"
+        f"<{MAX_TRANSFORMERS_EXCLUSIVE}; run with --debug for details)"
+    )
+
+
+def _generate(model, inputs, max_new_tokens, device, cache=None, exact=False):
+    """:func:`timed_generate`, a ``RuntimeError`` inside ``generate`` (e.g. the library refusing a call it cannot
+    prune) becoming a :class:`CLIError` that names the transformers version."""
+    import transformers
+
+    try:
+        return timed_generate(model, inputs, max_new_tokens, device, cache=cache, exact=exact)
+    except RuntimeError as exc:
+        message = _one_line(exc)
+        if transformers.__version__ not in message:
+            message += f" (transformers {transformers.__version__})"
+        raise CLIError(f"generate failed: {message}") from exc
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -422,6 +583,8 @@ def run_generate(args: argparse.Namespace) -> dict:
     dtype = _resolve_dtype(args.dtype, device, toy=args.model is None)
     fixed_budget = args.keep_ratio is not None or args.keep_tokens is not None or args.adaptive_scale is not None
     keep_ratio = args.keep_ratio if fixed_budget else DEFAULT_KEEP_RATIO
+    repeats = args.repeats or (DEFAULT_COMPARE_REPEATS if args.compare else 1)
+    timing_tokens = getattr(args, "timing_tokens", DEFAULT_TIMING_TOKENS)
 
     loaded = load_model(args.model, device, dtype, args.attn)
     model, processor = loaded.model, loaded.processor
@@ -436,6 +599,8 @@ def run_generate(args: argparse.Namespace) -> dict:
     inputs = _chat_inputs(processor, image, prompt).to(device)
     input_len = inputs["input_ids"].shape[1]
     config = model.config
+    visual_ids = [config.image_token_id] + ([config.video_token_id] if config.video_token_id is not None else [])
+    total_visual = int(torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids, device=device)).sum())
 
     def make_cache():
         return PrunableDynamicCache(
@@ -448,32 +613,51 @@ def run_generate(args: argparse.Namespace) -> dict:
         make_cache()  # validates the budget/scorer/layer and installs the hooks before any timing
     except (TypeError, ValueError) as exc:
         raise CLIError(_one_line(exc)) from exc
-    # Warm-up (untimed): the first calls pay one-off costs (kernel selection, allocator growth, first use of
-    # the pruning code paths) that would otherwise be charged to whichever configuration runs first.
-    logger.debug("warm-up: one pruned and one unpruned two-token generate")
-    timed_generate(model, inputs, 2, device, cache=make_cache())
-    timed_generate(model, inputs, 2, device)
+    not_pruned = pruning_request(args, keep_ratio, total_visual)  # None: the run asks to prune
+    budget_text = _budget_text(args, keep_ratio)
 
-    pruned_timings, unpruned_timings = [], []
-    sequences = reference = cache = None
-    for _ in range(args.repeats):
+    def pruned_run(max_new_tokens: int, exact: bool = False):
         run_cache = make_cache()
-        out, timing = timed_generate(model, inputs, args.max_new_tokens, device, cache=run_cache)
-        pruned_timings.append(timing)
-        if cache is None:
-            sequences, cache = out, run_cache
-        if args.compare:
-            out, timing = timed_generate(model, inputs, args.max_new_tokens, device)
-            unpruned_timings.append(timing)
-            if reference is None:
-                reference = out
+        out, timing = _generate(model, inputs, max_new_tokens, device, cache=run_cache, exact=exact)
+        if not_pruned is None:
+            check_pruned(run_cache, total_visual, budget_text)  # before any time or answer is reported
+        return out, timing, run_cache
+
+    # Untimed warm-up: the first call pays one-off costs (kernel selection, allocator growth, first use of the
+    # pruning code paths); it also fails fast if pruning does not happen.
+    logger.debug("warm-up: one pruned two-token generate")
+    pruned_run(2)
+    pruned_timings, unpruned_timings, order = [], [], []
+    reference = None
+    if not args.compare:
+        sequences = cache = None
+        for _ in range(repeats):
+            out, timing, run_cache = pruned_run(args.max_new_tokens)
+            pruned_timings.append(timing)
+            if cache is None:
+                sequences, cache = out, run_cache
+    else:
+        # Answers at --max-new-tokens (untimed), then the timing runs: exactly timing_tokens new tokens each, one
+        # warm-up of each configuration, then interleaved pairs (unpruned, pruned), so drift hits both alike.
+        sequences, _, cache = pruned_run(args.max_new_tokens)
+        reference, _ = _generate(model, inputs, args.max_new_tokens, device)
+        logger.debug("timing: %d warm-up and %d timed pairs of %d new tokens", COMPARE_WARMUP, repeats, timing_tokens)
+        for _ in range(COMPARE_WARMUP):
+            _generate(model, inputs, timing_tokens, device, exact=True)
+            pruned_run(timing_tokens, exact=True)
+        for _ in range(repeats):
+            unpruned_timings.append(_generate(model, inputs, timing_tokens, device, exact=True)[1])
+            order.append("unpruned")
+            pruned_timings.append(pruned_run(timing_tokens, exact=True)[1])
+            order.append("pruned")
 
     def answer_of(seqs) -> str:
         return processor.batch_decode(seqs[:, input_len:], skip_special_tokens=True)[0].strip()
 
-    visual_ids = [config.image_token_id] + ([config.video_token_id] if config.video_token_id is not None else [])
-    total_visual = int(torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids, device=device)).sum())
-    kept = cache.kept_visual_positions[0].cpu() if cache.kept_visual_positions else torch.zeros(0, dtype=torch.long)
+    if cache.kept_visual_positions:
+        kept = cache.kept_visual_positions[0].cpu()
+    else:  # only when nothing was to be pruned (check_pruned refuses it otherwise): every visual token is kept
+        kept = torch.nonzero(torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids, device=device))).flatten().cpu()
     timing = _median_timing(pruned_timings)
     result = {
         "model": loaded.name,
@@ -492,17 +676,33 @@ def run_generate(args: argparse.Namespace) -> dict:
         "answer": answer_of(sequences),
         "visual_tokens_kept": int(kept.numel()),
         "visual_tokens_total": total_visual,
-        "repeats": args.repeats,
+        "pruned": not_pruned is None,
+        "not_pruned_because": None if not_pruned is None else f"{not_pruned} (nothing pruned, by request)",
+        "repeats": repeats,
         **_timing_dict(timing),
     }
     if args.compare:
         base = _median_timing(unpruned_timings)
+        ratios = ratio_summary(unpruned_timings, pruned_timings)
+        control = not_pruned is not None
         result["unpruned"] = {"answer": answer_of(reference), **_timing_dict(base)}
-        result["speedup"] = {
-            "prefill": _ratio(base.prefill_s, timing.prefill_s),
-            "decode_per_token": _ratio(base.decode_s_per_token, timing.decode_s_per_token),
-            "total": _ratio(base.total_s, timing.total_s),
+        result["timing"] = {
+            "new_tokens": timing_tokens,
+            "repeats": repeats,
+            "warmup": COMPARE_WARMUP,
+            "order": order,
+            "noise_dominated": total_visual < MIN_VISUAL_TOKENS_FOR_TIMING,
+            "runs": [
+                {"config": name, "pair": i // 2, **_timing_dict(t)}
+                for i, (name, t) in enumerate(zip(order, _interleave(unpruned_timings, pruned_timings)))
+            ],
         }
+        result["speedup"] = None if control else ratios  # never a speed-up for a run that pruned nothing
+        if control:
+            result["control_ratio"] = ratios
+        result["notes"] = timing_notes(
+            ratios, mode=args.mode, visual_tokens=total_visual, control=control, repeats=repeats
+        )
     merge = int(config.vision_config.spatial_merge_size)
     grid_args = (inputs["input_ids"].cpu(), inputs["image_grid_thw"].cpu(), config.image_token_id)
     canvas = _drawing_canvas(image, inputs["image_grid_thw"][0], processor)
@@ -512,6 +712,8 @@ def run_generate(args: argparse.Namespace) -> dict:
         if key == "overlay":
             picture = kept_overlay(canvas, kept, *grid_args, merge_size=merge)
         else:
+            if not cache.visual_scores:
+                raise CLIError("--heatmap: the cache recorded no scores (nothing was scored in this run)")
             scores = cache.visual_scores[0].cpu()
             picture = score_heatmap(canvas, scores, *grid_args, merge_size=merge, kept_positions=kept)
         try:
@@ -520,6 +722,10 @@ def run_generate(args: argparse.Namespace) -> dict:
             raise CLIError(f"--{key}: cannot write {path}: {_one_line(exc)}") from exc
         result[key] = path
     return result
+
+
+def _interleave(first: list, second: list) -> list:
+    return [x for pair in zip(first, second) for x in pair]
 
 
 def _drawing_canvas(image, grid_thw: torch.Tensor, processor):
@@ -541,6 +747,18 @@ def _times(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}x"
 
 
+def _spread(r: dict) -> str:
+    if r["median"] is None:
+        return "n/a"
+    return f"{_times(r['median'])} ({_times(r['min'])}-{_times(r['max'])})"
+
+
+def _spread_text(ratios: dict, post_prefill: bool = False) -> str:
+    expected = " [not expected to differ: post-prefill]" if post_prefill else ""
+    return (f"prefill {_spread(ratios['prefill'])}{expected}, decode {_spread(ratios['decode_per_token'])} per token, "
+            f"prefill+decode {_spread(ratios['total'])}")
+
+
 def _decode_line(r: dict) -> str:
     if not r["decode_steps"]:
         return f"{_ms(r['decode_ms'])} (no decode step: the prefill produced the only new token)"
@@ -558,7 +776,11 @@ def format_report(r: dict) -> str:
         budget = f"keep_ratio={r['keep_ratio']:g}"
     budget += f" mode={r['mode']}" + (f" schedule={r['schedule']}" if r["schedule"] else "")
     share = r["visual_tokens_kept"] / r["visual_tokens_total"] if r["visual_tokens_total"] else float("nan")
-    timed = f" (median of {r['repeats']} runs)" if r["repeats"] > 1 else ""
+    timing = r.get("timing")
+    if timing is not None:
+        timed = f" (median of {timing['repeats']} runs of {timing['new_tokens']} new tokens)"
+    else:
+        timed = f" (median of {r['repeats']} runs)" if r["repeats"] > 1 else ""
     rows = [
         ("model", f"{r['model']} on {r['device']} ({r['dtype']})"),
         ("image", f"{r['image']} ({r['image_size'][0]}x{r['image_size'][1]})"),
@@ -567,24 +789,27 @@ def format_report(r: dict) -> str:
     ]
     if r["expected_answer"] is not None:
         rows.append(("expected", r["expected_answer"]))
-    rows += [
-        ("visual tokens", f"{r['visual_tokens_kept']} kept / {r['visual_tokens_total']} total ({share:.0%}), "
-                          f"scorer={r['scorer']} {budget}"),
-        ("prefill", _ms(r["prefill_ms"]) + timed),
-        ("decode", _decode_line(r)),
-    ]
+    rows.append(("visual tokens", f"{r['visual_tokens_kept']} kept / {r['visual_tokens_total']} total ({share:.0%}), "
+                                  f"scorer={r['scorer']} {budget}"))
+    if not r["pruned"]:
+        rows.append(("pruning", f"none: {r['not_pruned_because']}; a control run, no speed-up is claimed"))
+    rows += [("prefill", _ms(r["prefill_ms"]) + timed), ("decode", _decode_line(r))]
     if "unpruned" in r:
-        u, s = r["unpruned"], r["speedup"]
+        u = r["unpruned"]
         rows += [
             ("unpruned answer", u["answer"] or "(empty)"),
-            ("unpruned prefill", _ms(u["prefill_ms"])),
+            ("unpruned prefill", _ms(u["prefill_ms"]) + timed),
             ("unpruned decode", _decode_line(u)),
-            ("speed-up", f"prefill {_times(s['prefill'])}, decode {_times(s['decode_per_token'])} per token, "
-                         f"prefill+decode {_times(s['total'])} (pruned vs unpruned, same run)"),
         ]
-        if u["new_tokens"] != r["new_tokens"]:
-            rows.append(("note", f"the answers have {r['new_tokens']} vs {u['new_tokens']} new tokens: compare the "
-                                 "per-token decode speed-up, not prefill+decode"))
+        pairs = f"median (min-max) of {timing['repeats']} interleaved unpruned/pruned pairs, unpruned time / pruned time"
+        if r["speedup"] is not None:
+            caveat = "noise-dominated on this small input, see the notes: " if timing["noise_dominated"] else ""
+            post = r["mode"] == "post-prefill"
+            rows.append(("speed-up", f"{caveat}{_spread_text(r['speedup'], post_prefill=post)}; {pairs}"))
+        else:
+            rows.append(("speed-up", "none claimed (nothing was pruned)"))
+            rows.append(("control ratio", f"{_spread_text(r['control_ratio'])}; {pairs}"))
+        rows += [("note", note) for note in r["notes"]]
     for key in ("overlay", "heatmap"):
         if key in r:
             rows.append((key, f"written to {r[key]}"))

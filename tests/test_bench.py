@@ -17,6 +17,7 @@ import tarfile
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from sparse_cache import bench, presets
 
@@ -297,3 +298,53 @@ def test_both_modes_interleaved_with_the_flops_model(tmp_path):
     lin_only = type("C", (), dict(hidden_size=8, num_attention_heads=2, num_key_value_heads=2, intermediate_size=8))
     ratio = bench.prefill_flops(lin_only, [1.0] * 3 + [0.25] * 5) / bench.prefill_flops(lin_only, [1.0] * 8)
     assert ratio == pytest.approx((3 + 5 * 0.25) / 8, rel=0.02)
+
+
+# --------------------------------------------------------------------------- never a speed-up for a run that pruned nothing
+
+
+def test_keep_one_is_marked_as_a_control(cli_run):
+    stdout, data, rows, _, _ = cli_run
+    flags = {r["config"]: (r["pruned"], r["control"]) for r in data["results"]}
+    assert flags == {"baseline": (None, None), "keep=1": (False, True), "keep=0.5": (True, False),
+                     "keep=0.25": (True, False), "keep=0.1": (True, False)}
+    for row in data["results"][2:]:  # pruning happened: fewer visual tokens kept, fewer entries stored
+        assert row["kept_visual_per_row"] < VISUAL
+        assert row["physical_length_prefill"] < data["settings"]["sequence_length"]
+    assert all(run["pruned"] == (run["keep_ratio"] not in (None, 1.0)) for run in data["runs"] if run["keep_ratio"])
+    assert [r["control"] for r in rows] == ["", "True", "False", "False", "False"]
+    assert "keep=1: every visual token kept by request, so its ratios are a control" in stdout
+
+
+class _UnseenCache(DynamicCache):
+    """What a transformers whose generate hides the cache from the library amounts to: a plain cache with no
+    selection recorded (the hooks ignore anything but a PrunableDynamicCache)."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(config=model.config)
+        self.kept_visual_positions, self.visual_scores = [], []
+
+
+class _RefusingCache(_UnseenCache):
+    def update(self, *args, **kwargs):
+        raise RuntimeError("PrunableDynamicCache: the model was called without the cache's hooks seeing it")
+
+
+@pytest.mark.parametrize("fake, message", [
+    (_UnseenCache, "sparse-cache-bench: error: nothing was pruned with transformers {version}: keep=0.5 (post-prefill)"),
+    (_RefusingCache, "sparse-cache-bench: error: RuntimeError: PrunableDynamicCache: the model was called without"),
+])
+def test_a_run_that_prunes_nothing_records_nothing(tmp_path, capsys, monkeypatch, fake, message):
+    import transformers
+
+    monkeypatch.setattr(bench, "PrunableDynamicCache", fake)
+    argv = ["--model", "tiny", "--visual-tokens", "16", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
+            "--keep-ratios", "1,0.5", "--out-dir", str(tmp_path / "out"), "--no-progress", "--log-level", "ERROR",
+            "--cpu-memory", "none"]
+    assert bench.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and not (tmp_path / "out").exists()  # no table, no JSON: no ratio of two unpruned runs
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(message.format(version=transformers.__version__)), errors[0]
+    assert transformers.__version__ in errors[0]

@@ -7,16 +7,21 @@ so the real loading code runs; its answers are noise, only their consistency is 
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig
+import transformers
+from transformers import AutoConfig, AutoProcessor, DynamicCache, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig
 
-from sparse_cache import PrunableDynamicCache, testing
-from sparse_cache.cli import _chat_inputs, main
+import sparse_cache
+from sparse_cache import PrunableDynamicCache, cli, testing
+from sparse_cache._compat import CACHE_KWARG
+from sparse_cache.cli import Timing, _chat_inputs, main
+from sparse_cache.select import budget, derive_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "count the objects."
@@ -80,27 +85,174 @@ def test_compare_json_matches_direct_generate(capsys, model_dir, image_path, tmp
                          "--compare", "--json", "--heatmap", str(heatmap), "--repeats", "2")
     assert code == 0, err
     result = json.loads(out)
-    assert result["visual_tokens_kept"] == 5 and result["visual_tokens_total"] == 48
+    assert result["visual_tokens_total"] == 48 and result["visual_tokens_kept"] == 5  # pruning happened
+    assert result["pruned"] is True and result["not_pruned_because"] is None
     assert result["keep_tokens"] == 5 and result["keep_ratio"] is None and result["scorer"] == "fastv"
-    assert result["repeats"] == 2 and result["new_tokens"] == 5 and result["decode_steps"] == 4
-    for timing in (result, result["unpruned"]):
-        assert timing["prefill_ms"] > 0 and timing["decode_ms"] > 0 and timing["decode_ms_per_token"] > 0
+    # the reported times are those of the timing runs: exactly --timing-tokens (default 16) new tokens each
+    timing = result["timing"]
+    assert timing["new_tokens"] == cli.DEFAULT_TIMING_TOKENS == 16 and timing["repeats"] == result["repeats"] == 2
+    assert timing["warmup"] == 1 and timing["noise_dominated"] is True  # 48 visual tokens
+    assert timing["order"] == ["unpruned", "pruned"] * 2
+    assert [(r["config"], r["pair"]) for r in timing["runs"]] == [
+        ("unpruned", 0), ("pruned", 0), ("unpruned", 1), ("pruned", 1)]
+    for run_timing in (result, result["unpruned"], *timing["runs"]):
+        assert run_timing["new_tokens"] == 16 and run_timing["decode_steps"] == 15
+        assert run_timing["prefill_ms"] > 0 and run_timing["decode_ms"] > 0 and run_timing["decode_ms_per_token"] > 0
     assert set(result["speedup"]) == {"prefill", "decode_per_token", "total"}
-    assert all(v > 0 for v in result["speedup"].values())
+    for spread in result["speedup"].values():
+        assert set(spread) == {"median", "min", "max", "n"} and spread["n"] == 2
+        assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+    assert "control_ratio" not in result
+    notes = " | ".join(result["notes"])
+    assert "prefill is not expected to be faster in post-prefill mode" in notes
+    assert "timing on a 48-visual-token input is noise-dominated" in notes and "docs/benchmarks.md" in notes
+    assert "2 timed pairs give no meaningful spread" in notes
     assert Image.open(heatmap).size == (224, 168)
 
-    # the answers are those of plain generate calls on the same inputs
+    # the answers are those of plain generate calls on the same inputs, at --max-new-tokens
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(model_dir)
     inputs = _chat_inputs(processor, Image.open(image_path).convert("RGB"), PROMPT)
     n = inputs["input_ids"].shape[1]
     greedy = dict(max_new_tokens=5, do_sample=False)
     cache = PrunableDynamicCache(model, keep_tokens=5, scorer="fastv")
-    pruned = model.generate(**inputs, past_key_values=cache, **greedy)
+    pruned = model.generate(**inputs, **{CACHE_KWARG: cache}, **greedy)
+    assert cache.kept_visual_positions[0].numel() == 5 < 48  # pruning happened before comparing answers
     full = model.generate(**inputs, **greedy)
     decode = lambda seqs: processor.batch_decode(seqs[:, n:], skip_special_tokens=True)[0].strip()
     assert result["answer"] == decode(pruned)
     assert result["unpruned"]["answer"] == decode(full)
+
+
+def test_compare_report_in_words(capsys, model_dir, image_path):
+    code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--prompt", PROMPT,
+                         "--keep-ratio", "0.25", "--max-new-tokens", "2", "--compare", "--repeats", "3",
+                         "--timing-tokens", "4")
+    assert code == 0, err
+    report = fields(out)
+    assert report["visual tokens"].startswith("12 kept / 48 total")
+    assert report["prefill"].endswith("(median of 3 runs of 4 new tokens)")
+    assert report["unpruned prefill"].endswith("(median of 3 runs of 4 new tokens)")
+    assert " for 3 tokens " in report["decode"] and " for 3 tokens " in report["unpruned decode"]
+    speedup = report["speed-up"]
+    assert speedup.startswith("noise-dominated on this small input, see the notes: prefill ")
+    assert "[not expected to differ: post-prefill]" in speedup
+    assert re.search(r"decode \d+\.\d\dx \(\d+\.\d\dx-\d+\.\d\dx\) per token", speedup), speedup
+    assert "median (min-max) of 3 interleaved unpruned/pruned pairs" in speedup
+    notes = [line for line in out.splitlines() if line.startswith("note ")]
+    assert any("prefill is not expected to be faster in post-prefill mode" in n for n in notes)
+    assert any("noise-dominated" in n and "docs/benchmarks.md" in n for n in notes)
+
+
+def test_compare_runs_are_warmed_up_and_interleaved(capsys, model_dir, image_path, monkeypatch):
+    """Call order, recorded outside the CLI: answers, one warm-up of each configuration, then pairs."""
+    calls = []
+    original = cli.timed_generate
+
+    def recording(model, inputs, max_new_tokens, device, cache=None, exact=False):
+        calls.append(("unpruned" if cache is None else "pruned", max_new_tokens, exact))
+        return original(model, inputs, max_new_tokens, device, cache=cache, exact=exact)
+
+    monkeypatch.setattr(cli, "timed_generate", recording)
+    code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--max-new-tokens", "3",
+                         "--compare", "--repeats", "4", "--timing-tokens", "5", "--json")
+    assert code == 0, err
+    assert calls == [
+        ("pruned", 2, False),  # warm-up, also checks that pruning happens
+        ("pruned", 3, False), ("unpruned", 3, False),  # the answers, at --max-new-tokens
+        ("unpruned", 5, True), ("pruned", 5, True),  # warm-up of each timing configuration
+        *[("unpruned", 5, True), ("pruned", 5, True)] * 4,  # interleaved timed pairs
+    ]
+    result = json.loads(out)
+    assert result["timing"]["order"] == ["unpruned", "pruned"] * 4 and result["speedup"]["total"]["n"] == 4
+
+
+def test_speedup_is_the_median_of_paired_ratios():
+    # pair i: unpruned (prefill 10, decode 3 steps of 2 s), pruned (prefill p_i, decode 3 steps of 1 s)
+    unpruned = [Timing(10.0, 6.0, 4)] * 3
+    pruned = [Timing(p, 3.0, 4) for p in (5.0, 20.0, 8.0)]
+    ratios = cli.ratio_summary(unpruned, pruned)
+    assert ratios["prefill"] == {"median": 1.25, "min": 0.5, "max": 2.0, "n": 3}
+    assert ratios["decode_per_token"] == {"median": 2.0, "min": 2.0, "max": 2.0, "n": 3}
+    assert ratios["total"]["median"] == pytest.approx(16 / 11)
+    # no decode step: no per-token ratio, never a made-up one
+    assert cli.ratio_summary([Timing(1.0, 0.0, 1)], [Timing(1.0, 0.0, 1)])["decode_per_token"]["median"] is None
+
+
+def test_timing_notes_in_plain_words():
+    ratios = {"prefill": {"median": 1.1, "min": 0.9, "max": 1.3, "n": 5},
+              "decode_per_token": {"median": 1.5, "min": 1.2, "max": 1.8, "n": 5}}
+    notes = cli.timing_notes(ratios, mode="in-prefill", visual_tokens=4096, control=False, repeats=5)
+    assert notes == ["prefill: the spread 0.90x-1.30x straddles 1.0, so this run shows no reliable difference"]
+    notes = cli.timing_notes(ratios, mode="post-prefill", visual_tokens=64, control=False, repeats=1)
+    assert notes[0].startswith("prefill is not expected to be faster in post-prefill mode")
+    assert any(n.startswith("timing on a 64-visual-token input is noise-dominated") for n in notes)
+    assert notes[-1] == "1 timed pair give no meaningful spread; use --repeats 5 or more"
+    notes = cli.timing_notes(ratios, mode="post-prefill", visual_tokens=4096, control=True, repeats=5)
+    assert notes == [notes[0]] and "control" in notes[0] and "not a speed-up" in notes[0]
+
+
+@pytest.mark.parametrize("budget_args, total", [(["--keep-ratio", "1"], 48), (["--keep-tokens", "60"], 48)])
+def test_nothing_pruned_by_request_is_a_control_not_a_speedup(capsys, model_dir, image_path, budget_args, total):
+    code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--max-new-tokens", "2",
+                         "--compare", "--repeats", "2", "--timing-tokens", "3", *budget_args)
+    assert code == 0, err
+    report = fields(out)
+    assert report["visual tokens"].startswith(f"{total} kept / {total} total (100%)")
+    assert report["pruning"].startswith("none: ") and "by request" in report["pruning"]
+    assert report["speed-up"] == "none claimed (nothing was pruned)"
+    assert report["control ratio"].startswith("prefill ")
+    assert "not a speed-up" in out and "not expected to differ" not in out
+    code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--max-new-tokens", "2",
+                         "--compare", "--repeats", "2", "--timing-tokens", "3", "--json", *budget_args)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["pruned"] is False and "by request" in result["not_pruned_because"]
+    assert result["speedup"] is None and set(result["control_ratio"]) == {"prefill", "decode_per_token", "total"}
+    assert result["visual_tokens_kept"] == result["visual_tokens_total"] == total
+
+
+class _UnseenCache(DynamicCache):
+    """What a transformers whose generate hides the cache from the library amounts to: a plain cache that
+    reports no selection (the hooks ignore anything but a PrunableDynamicCache)."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(config=model.config)
+        self.kept_visual_positions, self.visual_scores = [], []
+
+    def get_physical_length(self, layer_idx=0):
+        return self.get_seq_length(layer_idx)
+
+
+class _RefusingCache(_UnseenCache):
+    """A core that detects that it was not used raises inside generate."""
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError("PrunableDynamicCache: the model was called without the cache's hooks seeing it")
+
+
+@pytest.mark.parametrize("extra", [[], ["--compare"], ["--compare", "--json"], ["--adaptive-scale", "0.5"],
+                                   ["--keep-tokens", "5", "--mode", "in-prefill"]])
+def test_a_run_that_asked_to_prune_and_kept_everything_is_an_error(capsys, model_dir, image_path, monkeypatch,
+                                                                   extra):
+    monkeypatch.setattr(sparse_cache, "PrunableDynamicCache", _UnseenCache)
+    code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--max-new-tokens", "2", *extra)
+    assert code == 1
+    assert out == ""  # no answer, no times, no speed-up
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("sparse-cache: error: nothing was pruned with transformers ")
+    assert transformers.__version__ in err and "48 visual tokens" in err and "no speed-up is reported" in err
+
+
+def test_a_runtime_error_of_the_core_is_one_line(capsys, model_dir, image_path, monkeypatch):
+    monkeypatch.setattr(sparse_cache, "PrunableDynamicCache", _RefusingCache)
+    code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--compare")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("sparse-cache: error: generate failed: PrunableDynamicCache: the model was called")
+    assert f"(transformers {transformers.__version__})" in err
+    code, _, err = run(capsys, "--model", model_dir, "--image", image_path, "--debug")
+    assert code == 1 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("sparse-cache: error:")
 
 
 def test_without_image_uses_a_synthetic_one(capsys, model_dir):
@@ -115,18 +267,34 @@ def test_without_image_uses_a_synthetic_one(capsys, model_dir):
     assert logging.getLogger("sparse_cache").handlers == handlers  # main() leaves logging as it found it
 
 
-@pytest.mark.parametrize("budget, kept", [
-    (["--mode", "in-prefill", "--keep-ratio", "0.5"], "8 kept / 16 total"),
-    (["--mode", "in-prefill", "--schedule", "sparsevlm", "--keep-ratio", "0.5"], " kept / 16 total"),
-    (["--adaptive-scale", "0.5"], " kept / 16 total"),
-])
-def test_modes_and_budgets(capsys, model_dir, tmp_path, budget, kept):
+def _schedule_kept(model_dir, keep_ratio, total):
+    """Visual tokens left after the last stage of the progressive schedule (ratios of the image's own count)."""
+    layers = AutoConfig.from_pretrained(model_dir).get_text_config(decoder=True).num_hidden_layers
+    return budget(total, derive_schedule(keep_ratio, layers)[-1][1], None)
+
+
+@pytest.mark.parametrize("budget_args, kept", [
+    (["--keep-ratio", "0.25"], lambda model_dir: 4),
+    (["--keep-tokens", "3"], lambda model_dir: 3),
+    (["--mode", "in-prefill", "--keep-ratio", "0.5"], lambda model_dir: 8),
+    (["--mode", "in-prefill", "--keep-tokens", "5"], lambda model_dir: 5),
+    (["--mode", "in-prefill", "--schedule", "sparsevlm", "--keep-ratio", "0.5"],
+     lambda model_dir: _schedule_kept(model_dir, 0.5, 16)),
+    (["--adaptive-scale", "0.5"], None),  # rank-based: some, not all (checked below)
+], ids=["keep-ratio", "keep-tokens", "in-prefill", "in-prefill-tokens", "schedule", "adaptive"])
+def test_modes_and_budgets(capsys, model_dir, tmp_path, budget_args, kept):
     small = tmp_path / "small.png"
-    testing.synthetic_image(112, 112).save(small)
-    code, out, err = run(capsys, "--model", model_dir, "--image", str(small), "--max-new-tokens", "2", *budget)
+    testing.synthetic_image(112, 112).save(small)  # 4 x 4 = 16 visual tokens
+    code, out, err = run(capsys, "--model", model_dir, "--image", str(small), "--max-new-tokens", "2", *budget_args)
     assert code == 0, err
     line = fields(out)["visual tokens"]
-    assert kept in line and budget[1] in line
+    match = re.match(r"(\d+) kept / (\d+) total", line)
+    assert match and int(match.group(2)) == 16, line
+    assert 0 < int(match.group(1)) < 16, line  # pruning happened
+    assert "pruning" not in fields(out)
+    if kept is not None:
+        assert int(match.group(1)) == kept(model_dir), line
+    assert budget_args[1] in line.replace("=", " ")
 
 
 def test_overlay_of_an_image_smaller_than_the_model_input(capsys, model_dir, tmp_path):

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from sparse_cache import PrunableDynamicCache
+from sparse_cache._compat import CACHE_KWARG
 from sparse_cache.toy import (
     CELL_PX,
     COLOURS,
@@ -180,7 +181,7 @@ def test_followup_on_unpruned_cache_matches_dynamic_cache(toy):
     inputs = build_inputs(processor, [c.image for c in conversations], [c.questions[0] for c in conversations])
     logits = []
     for cache in (DynamicCache(config=model.config), PrunableDynamicCache(model, keep_ratio=1.0)):
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        out = model.generate(**inputs, **{CACHE_KWARG: cache}, max_new_tokens=1, do_sample=False)
         answers = processor.batch_decode(out[:, -1:])
         new = processor.tokenizer(
             [followup_text(processor, a, c.questions[1]) for a, c in zip(answers, conversations)],
@@ -190,7 +191,7 @@ def test_followup_on_unpruned_cache_matches_dynamic_cache(toy):
         ids = torch.cat([out, new], 1)
         mask = torch.ones_like(ids)
         out2 = model.generate(
-            input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=1, do_sample=False,
+            input_ids=ids, attention_mask=mask, **{CACHE_KWARG: cache}, max_new_tokens=1, do_sample=False,
             output_logits=True, return_dict_in_generate=True,
         )
         logits.append(out2.logits[0])
@@ -211,6 +212,7 @@ def test_text_guided_scoring_beats_random_on_followup_recall(toy):
     recall = {}
     for scorer in ("sparsevlm@0", "random"):
         metrics = quality.evaluate_followup(model, processor, conversations, scorer, 0.1, batches=batches)
+        assert metrics["kept_tokens"] == round(0.1 * 64) < 64  # pruning happened before recall is compared
         recall[scorer] = metrics["queried_recall"]
     assert recall["sparsevlm@0"] > recall["random"] + 0.2, recall
 
@@ -228,8 +230,43 @@ def test_quality_benchmark_runs_on_a_small_sample(toy, tmp_path):
         if row["scorer"] == "oracle" and row["n"] and not np.isnan(row["queried_recall"]):
             assert row["queried_recall"] == 1.0
         if row["keep_ratio"] == 0.1:
-            assert row["kept_tokens"] == round(0.1 * 64)
+            assert row["kept_tokens"] == round(0.1 * 64) < 64  # pruned (a cache that prunes nothing raises)
     paths = quality.write_report(report, tmp_path)
     assert json.loads(paths["json"].read_text())["settings"]["samples"] == 6
     assert "followup-same" in paths["markdown"].read_text()
     assert paths["plot"].stat().st_size > 0
+
+
+class _UnseenCache(DynamicCache):
+    """What a transformers whose generate hides the cache from the library amounts to: a plain cache with no
+    selection recorded (the hooks ignore anything but a PrunableDynamicCache)."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(config=model.config)
+        self.kept_visual_positions, self.visual_scores = [], []
+
+    def get_physical_length(self, layer_idx=0):
+        return self.get_seq_length(layer_idx)
+
+
+def test_quality_refuses_a_cache_that_pruned_nothing(toy, monkeypatch, capsys, tmp_path):
+    """Never a table of unpruned accuracies and 100% recall labelled as pruned ones."""
+    import transformers
+
+    model, processor = toy
+    monkeypatch.setattr(quality, "PrunableDynamicCache", _UnseenCache)
+    samples = [make_sample(seed) for seed in range(2)]
+    with pytest.raises(RuntimeError, match=rf"nothing was pruned with transformers {transformers.__version__}"):
+        quality.evaluate_single(model, processor, samples, "random", 0.5, batch_size=2)
+    conversations = [make_followup(seed, same=True) for seed in range(2)]
+    with pytest.raises(RuntimeError, match="nothing was pruned"):
+        quality.evaluate_followup(model, processor, conversations, "random", 0.5, batch_size=2)
+    assert quality.evaluate_single(model, processor, samples, "random", 1.0, batch_size=2)["kept_tokens"] == 64
+    argv = ["--samples", "2", "--scorers", "random", "--keep-ratios", "0.5", "--protocols", "single",
+            "--batch-size", "2", "--no-plot", "--no-progress", "--out-dir", str(tmp_path / "out")]
+    assert quality.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and not (tmp_path / "out").exists()
+    errors = [line for line in err.splitlines() if "error" in line]  # (err also holds the weight-loading bar)
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("python -m sparse_cache.toy.quality: error: nothing was pruned with transformers ")

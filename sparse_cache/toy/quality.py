@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -41,8 +42,10 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+from .._compat import CACHE_KWARG
 from ..cache import PrunableDynamicCache
 from ..scorers import SCORERS, Scorer, ScoringContext
+from ..select import budget
 from .model import build_inputs, followup_text, load_toy_vlm
 from .task import ANSWERS, make_followup, make_sample
 
@@ -154,9 +157,27 @@ def _first_visual(input_ids: torch.Tensor, image_token_id: int) -> list[int]:
     return out
 
 
+def _check_pruned(cache, keep_ratio: float, num_visual: int) -> None:
+    """Raise ``RuntimeError`` if a cache that had to drop visual tokens kept them all (never a silent 100%)."""
+    if not isinstance(cache, PrunableDynamicCache) or budget(num_visual, keep_ratio, None) >= num_visual:
+        return
+    kept = [int(k.numel()) for k in cache.kept_visual_positions]
+    if kept and all(n < num_visual for n in kept) and cache.get_physical_length() < cache.get_seq_length():
+        return
+    what = f"kept {kept} of {num_visual} visual tokens per row" if kept else "recorded no selection"
+    raise RuntimeError(
+        f"nothing was pruned with transformers {transformers.__version__}: keep_ratio={keep_ratio:g} should keep "
+        f"{budget(num_visual, keep_ratio, None)} of {num_visual} visual tokens, but the cache {what}"
+    )
+
+
 def _kept_cells(cache, first_visual: list[int], num_visual: int) -> list[set[int]]:
-    if not isinstance(cache, PrunableDynamicCache) or not cache.kept_visual_positions:
+    if not isinstance(cache, PrunableDynamicCache):
         return [set(range(num_visual)) for _ in first_visual]
+    if not cache.kept_visual_positions:
+        raise RuntimeError(
+            f"the pruning cache recorded no selection with transformers {transformers.__version__}: nothing was pruned"
+        )
     return [set((kept - start).tolist()) for kept, start in zip(cache.kept_visual_positions, first_visual)]
 
 
@@ -209,7 +230,8 @@ def evaluate_single(
     for chunk, inputs in batches if batches is not None else encode_batches(processor, samples, batch_size):
         num_visual = int((inputs["input_ids"][0] == image_token_id).sum())
         cache = _make_cache(model, scorer, keep_ratio, [s.queried_cells for s in chunk], mode)
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        out = model.generate(**inputs, **{CACHE_KWARG: cache}, max_new_tokens=1, do_sample=False)
+        _check_pruned(cache, keep_ratio, num_visual)
         predicted = _answers(processor, out[:, inputs["input_ids"].shape[1] :])
         kept = _kept_cells(cache, _first_visual(inputs["input_ids"], image_token_id), num_visual)
         for sample, answer, cells in zip(chunk, predicted, kept):
@@ -238,7 +260,8 @@ def evaluate_followup(
     for chunk, inputs in batches if batches is not None else encode_batches(processor, conversations, batch_size):
         num_visual = int((inputs["input_ids"][0] == image_token_id).sum())
         cache = _make_cache(model, scorer, keep_ratio, [c.queried_cells[1] for c in chunk])
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        out = model.generate(**inputs, **{CACHE_KWARG: cache}, max_new_tokens=1, do_sample=False)
+        _check_pruned(cache, keep_ratio, num_visual)
         prompt_len = inputs["input_ids"].shape[1]
         first = _answers(processor, out[:, prompt_len:])
         new = [followup_text(processor, a, c.questions[1]) for a, c in zip(first, chunk)]
@@ -249,7 +272,7 @@ def evaluate_followup(
         new_mask = torch.ones(len(chunk), input_ids.shape[1] - prompt_len, dtype=inputs["attention_mask"].dtype)
         mask = torch.cat([inputs["attention_mask"], new_mask], dim=1)
         out2 = model.generate(
-            input_ids=input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=1, do_sample=False
+            input_ids=input_ids, attention_mask=mask, **{CACHE_KWARG: cache}, max_new_tokens=1, do_sample=False
         )
         second = _answers(processor, out2[:, input_ids.shape[1] :])
         kept = _kept_cells(cache, _first_visual(inputs["input_ids"], image_token_id), num_visual)
@@ -528,6 +551,9 @@ def main(argv=None) -> int:
                              args.seed, args.batch_size, progress=not args.no_progress)
     except ValueError as error:
         parser.error(str(error))
+    except RuntimeError as error:  # e.g. nothing was pruned: no table of unpruned numbers labelled as pruned
+        print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     paths = write_report(report, args.out_dir, plot=not args.no_plot)
     print(markdown_report(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
