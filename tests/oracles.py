@@ -274,3 +274,105 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
         past_valid = torch.cat([past_valid, torch.ones(batch, 1, dtype=torch.bool)], 1)
         logits.append(model.lm_head(text_model.norm(hidden))[:, -1].float())
     return logits
+
+
+# --------------------------------------------------------------------------- did pruning happen at all?
+
+
+def visual_positions(inputs, visual_token_ids) -> list[torch.Tensor]:
+    """Per row of ``inputs``, the positions of its (unpadded) visual tokens, ascending."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    visual = torch.isin(ids, torch.tensor(visual_token_ids)) & (mask == 1)
+    return [torch.nonzero(visual[row]).flatten() for row in range(ids.shape[0])]
+
+
+def _row_layout(inputs, visual_token_ids, expand):
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    visual = visual_positions(inputs, visual_token_ids)
+    rows = [visual[r // expand] for r in range(ids.shape[0] * expand)]
+    valid = [int(mask[r // expand].sum()) for r in range(ids.shape[0] * expand)]
+    return rows, valid, ids.shape[1]
+
+
+def _check_hooks_ran(cache, rows, what):
+    batch = len(rows)
+    assert len(cache.visual_scores) == batch, (
+        f"{what}: cache.visual_scores has {len(cache.visual_scores)} rows, expected {batch} (batch size after "
+        "beam expansion): the scoring hooks did not run"
+    )
+    assert len(cache.kept_visual_positions) == batch, (
+        f"{what}: cache.kept_visual_positions has {len(cache.kept_visual_positions)} rows, expected {batch}"
+    )
+    for row, visual in enumerate(rows):
+        scores, kept = cache.visual_scores[row], cache.kept_visual_positions[row]
+        assert scores.numel() == visual.numel(), (
+            f"{what}: row {row} has {scores.numel()} visual scores for {visual.numel()} visual tokens"
+        )
+        assert torch.isfinite(scores).all(), f"{what}: row {row} has non-finite visual scores"
+        kept = kept.cpu()
+        assert torch.all(kept[1:] > kept[:-1]), f"{what}: row {row} kept positions are not strictly ascending"
+        assert torch.isin(kept, visual).all(), f"{what}: row {row} kept positions that are not its visual tokens"
+
+
+def _check_lengths(cache, rows, valid, width, kept_counts, extra, what):
+    stored = [v - len(vis) + k + e for v, vis, k, e in zip(valid, rows, kept_counts, extra)]
+    dropped = width - max(stored)
+    logical, physical = cache.get_seq_length(), cache.get_physical_length()
+    assert logical - physical == dropped, (
+        f"{what}: logical length {logical} - physical length {physical} = {logical - physical}, expected {dropped} "
+        f"(prompt width {width}, entries per row after compaction {stored})"
+    )
+
+
+def assert_pruned(cache, inputs, visual_token_ids, *, expand=1, extra=None, kept_counts=None):
+    """Fail unless the last call on ``cache`` (after the prompt ``inputs``) really pruned.
+
+    Checks, with a message saying which part of the pipeline did not run:
+
+    - ``cache.visual_scores`` and ``cache.kept_visual_positions`` have one entry per row (``expand``: rows per
+      prompt row, e.g. ``num_beams``), each row one finite score per visual token;
+    - every row with visual tokens kept at least one and fewer than all of them (strictly ascending positions
+      among its own visual tokens); ``kept_counts`` (per row), if given, the exact numbers;
+    - the cache really dropped them: ``get_seq_length() - get_physical_length()`` equals the prompt width minus
+      the widest row after compaction (text + kept visual + ``extra[row]`` entries, e.g. recycled tokens);
+      so ``get_physical_length() < get_seq_length()`` whenever the widest compacted row is narrower than the
+      prompt.
+
+    A library that prunes nothing fails here, before any comparison with an oracle.
+    """
+    rows, valid, width = _row_layout(inputs, visual_token_ids, expand)
+    what = "nothing was pruned"
+    _check_hooks_ran(cache, rows, what)
+    counts = [int(k.numel()) for k in cache.kept_visual_positions]
+    assert any(v.numel() for v in rows), "assert_pruned: the prompt has no visual tokens"
+    for row, visual in enumerate(rows):
+        if visual.numel():
+            assert 0 < counts[row] < visual.numel(), (
+                f"{what}: row {row} kept {counts[row]} of its {visual.numel()} visual tokens"
+            )
+        else:
+            assert counts[row] == 0, f"row {row} has no visual tokens but kept {counts[row]}"
+    if kept_counts is not None:
+        assert counts == list(kept_counts), f"kept counts per row {counts}, expected {list(kept_counts)}"
+    extra = [0] * len(rows) if extra is None else list(extra)
+    _check_lengths(cache, rows, valid, width, counts, extra, "the cache was not compacted to the kept tokens")
+    return counts
+
+
+def assert_not_pruned(cache, inputs, visual_token_ids, *, expand=1):
+    """Fail unless the last call ran the hooks (one finite score per visual token) but kept every visual token.
+
+    For identity tests (``keep_ratio=1.0`` with images): a library whose hooks never run fails too.
+    """
+    rows, valid, width = _row_layout(inputs, visual_token_ids, expand)
+    assert any(v.numel() for v in rows), "assert_not_pruned: the prompt has no visual tokens"
+    what = "hooks did not run"
+    _check_hooks_ran(cache, rows, what)
+    for row, visual in enumerate(rows):
+        kept = cache.kept_visual_positions[row].cpu()
+        assert torch.equal(kept, visual), f"row {row} kept {kept.numel()} of its {visual.numel()} visual tokens"
+    _check_lengths(cache, rows, valid, width, [v.numel() for v in rows], [0] * len(rows), "something was dropped")

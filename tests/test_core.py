@@ -1,10 +1,11 @@
 """Core behaviour of PrunableDynamicCache against the oracles of docs/oracles.md."""
 
+import gc
 import math
 
 import pytest
 import torch
-from oracles import GREEDY, eager_rater_scores, masked_decode_logits
+from oracles import GREEDY, assert_not_pruned, assert_pruned, eager_rater_scores, masked_decode_logits
 from transformers import DynamicCache
 
 from sparse_cache import PrunableDynamicCache, testing, uninstall
@@ -38,7 +39,10 @@ def assert_logits_close(actual, expected, atol=ATOL):
 def test_keep_ratio_one_is_bit_identical(model, single_inputs, batch_inputs):
     for inputs in (single_inputs, batch_inputs):
         ref = generate(model, inputs)
-        out = generate(model, inputs, PrunableDynamicCache(model, keep_ratio=1.0))
+        cache = PrunableDynamicCache(model, keep_ratio=1.0)
+        out = generate(model, inputs, cache)
+        # the hooks ran (one finite score per visual token) and kept every token: identity is not vacuous
+        assert_not_pruned(cache, inputs, visual_ids(model))
         assert torch.equal(out.sequences, ref.sequences)
         for a, b in zip(out.logits, ref.logits):
             assert torch.equal(a, b)
@@ -52,21 +56,28 @@ def test_text_only_prompt_is_bit_identical(model, processor):
     for a, b in zip(out.logits, ref.logits):
         assert torch.equal(a, b)
     assert cache.kept_visual_positions == [] or cache.kept_visual_positions[0].numel() == 0
+    assert cache.get_physical_length() == cache.get_seq_length()  # nothing to drop: nothing dropped
 
 
 def test_plain_generate_unchanged_by_installed_hooks(processor, single_inputs):
     model = testing.tiny_qwen2_5_vl_model(seed=3)
     before = generate(model, single_inputs)
-    generate(model, single_inputs, PrunableDynamicCache(model, keep_ratio=0.25))
+    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    generate(model, single_inputs, cache)
+    assert_pruned(cache, single_inputs, visual_ids(model))  # the hooks were live and pruned in between
     assert is_installed(model)
     after = generate(model, single_inputs)
     assert torch.equal(before.sequences, after.sequences)
     for a, b in zip(before.logits, after.logits):
         assert torch.equal(a, b)
-    uninstall(model)
+    with pytest.raises(RuntimeError, match="live PrunableDynamicCache"):
+        uninstall(model)  # the live cache still needs them
+    del cache
+    gc.collect()  # the last cache gone, the hooks went with it
     assert not is_installed(model)
     assert "prepare_inputs_for_generation" not in vars(model)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    uninstall(model)  # a no-op now
 
 
 # --------------------------------------------------------------------------- oracle 2: masked equivalence
@@ -77,7 +88,7 @@ def test_masked_equivalence_single(model, single_inputs, keep_ratio):
     cache = PrunableDynamicCache(model, keep_ratio=keep_ratio)
     out = generate(model, single_inputs, cache)
     n_visual = int((single_inputs["input_ids"] == model.config.image_token_id).sum())
-    assert cache.kept_visual_positions[0].numel() == math.floor(keep_ratio * n_visual + 0.5)
+    assert_pruned(cache, single_inputs, visual_ids(model), kept_counts=[math.floor(keep_ratio * n_visual + 0.5)])
     prompt_len = single_inputs["input_ids"].shape[1]
     expected = masked_decode_logits(
         model, single_inputs, cache.kept_visual_positions, out.sequences[:, prompt_len:], visual_ids(model)
@@ -91,8 +102,8 @@ def test_masked_equivalence_single(model, single_inputs, keep_ratio):
 def test_masked_equivalence_left_padded_batch(model, batch_inputs):
     cache = PrunableDynamicCache(model, keep_ratio=0.25)
     out = generate(model, batch_inputs, cache)
-    kept = [k.numel() for k in cache.kept_visual_positions]
-    assert kept == [12, 4]  # 25% of 48 and of 16: rows keep different numbers of tokens
+    # 25% of 48 and of 16: rows keep different numbers of tokens
+    assert_pruned(cache, batch_inputs, visual_ids(model), kept_counts=[12, 4])
     assert not cache._prefix_all_valid  # the shorter row is re-padded
     prompt_len = batch_inputs["input_ids"].shape[1]
     expected = masked_decode_logits(
@@ -107,8 +118,7 @@ def test_row_without_visual_tokens_is_left_as_is(model, processor):
     )
     cache = PrunableDynamicCache(model, keep_tokens=3)
     out = generate(model, inputs, cache)
-    assert cache.kept_visual_positions[0].numel() == 0
-    assert cache.kept_visual_positions[1].numel() == 3
+    assert_pruned(cache, inputs, visual_ids(model), kept_counts=[0, 3])
     prompt_len = inputs["input_ids"].shape[1]
     expected = masked_decode_logits(
         model, inputs, cache.kept_visual_positions, out.sequences[:, prompt_len:], visual_ids(model)
@@ -122,8 +132,13 @@ def test_row_without_visual_tokens_is_left_as_is(model, processor):
 def test_scores_equal_eager_output_attentions(model, eager_model, batch_inputs):
     cache = PrunableDynamicCache(model, keep_ratio=0.5)
     generate(model, batch_inputs, cache, new=1)
+    assert_pruned(cache, batch_inputs, visual_ids(model), kept_counts=[24, 8])
     expected = eager_rater_scores(eager_model, batch_inputs, visual_ids(model))
+    n_visual = (batch_inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert n_visual == [48, 16]
+    assert len(expected) == len(cache.visual_scores) == 2, (len(expected), len(cache.visual_scores))
     for row, (got, want) in enumerate(zip(cache.visual_scores, expected)):
+        assert got.numel() == want.numel() == n_visual[row], (row, got.numel(), want.numel(), n_visual[row])
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=ATOL, rtol=0), f"row {row}: {(got - want).abs().max()}"
 
@@ -131,6 +146,7 @@ def test_scores_equal_eager_output_attentions(model, eager_model, batch_inputs):
 def test_kept_tokens_are_the_top_scored(sdpa_model, batch_inputs):
     cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.25)
     generate(sdpa_model, batch_inputs, cache, new=1)
+    assert_pruned(cache, batch_inputs, visual_ids(sdpa_model), kept_counts=[12, 4])
     ids = batch_inputs["input_ids"]
     for row in range(ids.shape[0]):
         visual = torch.nonzero(ids[row] == sdpa_model.config.image_token_id).flatten()
@@ -148,6 +164,8 @@ def test_kept_tokens_are_the_top_scored(sdpa_model, batch_inputs):
 def test_logical_and_physical_lengths(sdpa_model, batch_inputs):
     cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.25)
     out = generate(sdpa_model, batch_inputs, cache, new=4)
+    assert_pruned(cache, batch_inputs, visual_ids(sdpa_model), kept_counts=[12, 4])
+    assert cache.get_physical_length() < cache.get_seq_length()
     prompt_len = batch_inputs["input_ids"].shape[1]
     # the last generated token is not fed back: logical = prompt + new - 1
     assert cache.get_seq_length() == prompt_len + 4 - 1 == out.sequences.shape[1] - 1
@@ -188,6 +206,7 @@ def test_scoring_allocates_no_n_by_n_tensor(sdpa_model, processor, monkeypatch):
     monkeypatch.setattr(PrunableDynamicCache, "_score", recording_score)
     cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.25)
     generate(sdpa_model, inputs, cache, new=1)
+    assert_pruned(cache, inputs, visual_ids(sdpa_model))
     assert shapes, "the scorer ran no tensor op under the recorder"
     largest = max(math.prod(s) for s in shapes)
     assert largest < seq_len * seq_len, f"scoring allocated {largest} elements, N*N = {seq_len * seq_len}"
@@ -242,7 +261,8 @@ def test_cache_reused_for_unrelated_call_is_refused(sdpa_model, processor, singl
 def test_cache_of_another_model_is_refused(sdpa_model, single_inputs):
     other = testing.tiny_qwen2_5_vl_model(seed=1)
     cache = PrunableDynamicCache(other, keep_ratio=0.25)
-    with pytest.raises(ValueError, match="another model"):
+    # refused by the other model's hooks when it has some, by the cache's self-check when it has none
+    with pytest.raises((ValueError, RuntimeError), match="another model|model it was built for"):
         generate(sdpa_model, single_inputs, cache)
 
 

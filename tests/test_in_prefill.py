@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from oracles import GREEDY, in_prefill_reference_logits
+from oracles import GREEDY, assert_not_pruned, assert_pruned, in_prefill_reference_logits
 
 from sparse_cache import PrunableDynamicCache
 
@@ -19,8 +19,7 @@ def test_in_prefill_matches_hand_built_reference(model, single_inputs, batch_inp
     inputs = single_inputs if which == "single" else batch_inputs
     cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=layer, mode="in-prefill")
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
-    if which == "batch":
-        assert [k.numel() for k in cache.kept_visual_positions] == [12, 4]
+    assert_pruned(cache, inputs, visual_ids(model), kept_counts=[12] if which == "single" else [12, 4])
     prompt_len = inputs["input_ids"].shape[1]
     expected = in_prefill_reference_logits(
         model, inputs, [(layer, cache.kept_visual_positions)], out.sequences[:, prompt_len:], visual_ids(model)
@@ -42,6 +41,8 @@ def test_in_prefill_keep_ratio_one_equals_plain(model, single_inputs):
     ref = model.generate(**single_inputs, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     cache = PrunableDynamicCache(model, keep_ratio=1.0, mode="in-prefill")
     out = model.generate(**single_inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_not_pruned(cache, single_inputs, visual_ids(model))
+    assert [[k.numel() for k in stage] for stage in cache.stage_kept_visual_positions] == [[48]]
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         assert (a - b).abs().max() <= 1e-5
@@ -60,9 +61,10 @@ def test_progressive_schedule_matches_hand_built_reference(model, single_inputs,
     schedule = [(0, 0.5), (1, 0.25), (2, 0.125)]
     cache = PrunableDynamicCache(model, mode="in-prefill", schedule=schedule)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, inputs, visual_ids(model), kept_counts=[6] if which == "single" else [6, 2])
     counts = [[k.numel() for k in stage] for stage in cache.stage_kept_visual_positions]
-    if which == "batch":
-        assert counts == [[24, 8], [12, 4], [6, 2]]  # budgets relative to each image's own 48 / 16 tokens
+    # budgets relative to each image's own 48 / 16 tokens
+    assert counts == ([[24], [12], [6]] if which == "single" else [[24, 8], [12, 4], [6, 2]])
     for earlier, later in zip(cache.stage_kept_visual_positions, cache.stage_kept_visual_positions[1:]):
         for a, b in zip(earlier, later):
             assert torch.isin(b, a).all()  # each stage prunes among the previous stage's survivors
@@ -119,6 +121,8 @@ def test_sparsevlm_schedule_from_equivalent_ratio_runs_exactly(sdpa_model, batch
     cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.6, mode="in-prefill", schedule="sparsevlm")
     assert [layer for layer, _ in cache.schedule] == [0, 1, 2]
     out = sdpa_model.generate(**batch_inputs, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, **GREEDY)
+    assert_pruned(cache, batch_inputs, visual_ids(sdpa_model))
+    assert len(cache.stage_kept_visual_positions) == len(cache.schedule) == 3
     stages = [(layer, kept) for (layer, _), kept in zip(cache.schedule, cache.stage_kept_visual_positions)]
     prompt_len = batch_inputs["input_ids"].shape[1]
     expected = in_prefill_reference_logits(
@@ -133,7 +137,8 @@ def test_every_scorer_in_a_progressive_schedule_matches_reference(sdpa_model, ba
     schedule = [(1, 0.5), (2, 0.25)]
     cache = PrunableDynamicCache(sdpa_model, mode="in-prefill", schedule=schedule, scorer=scorer)
     out = sdpa_model.generate(**batch_inputs, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, **GREEDY)
-    assert [k.numel() for k in cache.kept_visual_positions] == [12, 4]
+    assert_pruned(cache, batch_inputs, visual_ids(sdpa_model), kept_counts=[12, 4])
+    assert [[k.numel() for k in stage] for stage in cache.stage_kept_visual_positions] == [[24, 8], [12, 4]]
     stages = [(layer, kept) for (layer, _), kept in zip(schedule, cache.stage_kept_visual_positions)]
     prompt_len = batch_inputs["input_ids"].shape[1]
     expected = in_prefill_reference_logits(
@@ -166,6 +171,10 @@ def test_recycling_matches_hand_built_reference(model, single_inputs, batch_inpu
     cache = PrunableDynamicCache(model, keep_ratio=0.25, mode="in-prefill", recycle=True)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     groups = cache.recycled_groups
+    assert len(groups) == inputs["input_ids"].shape[0] and all(groups), "no recycled token in some row"
+    # kept visual tokens plus one physical entry per recycled token
+    assert_pruned(cache, inputs, visual_ids(model), kept_counts=[12] if which == "single" else [12, 4],
+                  extra=[len(g) for g in groups])
     ids = inputs["input_ids"]
     for row, row_groups in enumerate(groups):
         n_visual = int((ids[row] == model.config.image_token_id).sum())
@@ -204,6 +213,7 @@ def test_in_prefill_beam_search_scores_match_reference(sdpa_model, single_inputs
         num_return_sequences=beams, length_penalty=0.0, do_sample=False, return_dict_in_generate=True,
         output_scores=True,
     )
+    assert_pruned(cache, single_inputs, visual_ids(sdpa_model), expand=beams, kept_counts=[12] * beams)
     rows = torch.zeros(beams, dtype=torch.long)
     expanded = {k: v[rows] for k, v in single_inputs.items() if k not in ("pixel_values", "image_grid_thw")}
     expanded["pixel_values"] = single_inputs["pixel_values"].repeat(beams, 1)

@@ -21,6 +21,7 @@ exactly them.
 import numpy as np
 import pytest
 import torch
+from oracles import assert_pruned
 from PIL import Image
 
 from sparse_cache import PrunableDynamicCache, testing
@@ -106,6 +107,8 @@ def target_positions(inputs, model):
 def run(model, inputs, scorer):
     cache = PrunableDynamicCache(model, keep_tokens=len(TARGETS[0]), scorer=scorer)
     model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
+    visual = (model.config.image_token_id, model.config.video_token_id)
+    assert_pruned(cache, inputs, visual, kept_counts=[len(t) for t in TARGETS])
     return cache
 
 

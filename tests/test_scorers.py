@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from oracles import GREEDY, masked_decode_logits
+from oracles import GREEDY, assert_pruned, masked_decode_logits
 
 from sparse_cache import PrunableDynamicCache, testing
 from sparse_cache.scorers import SCORERS, ScoringContext, get_scorer
@@ -68,6 +68,7 @@ def test_registry_lists_the_methods():
 def test_every_scorer_masked_equivalence_on_padded_batch(model, mixed_batch, name):
     cache = PrunableDynamicCache(model, keep_ratio=KEEP_RATIO, scorer=name)
     out = model.generate(**mixed_batch, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, mixed_batch, visual_ids(model), kept_counts=[12, 8, 0])
 
     # budgets: round(0.25 * n) per image, nothing for the row without an image
     blocks = image_blocks(mixed_batch, model)
@@ -314,6 +315,7 @@ def test_uniform_in_generate_keeps_the_stride_two_sub_grid_of_each_image(sdpa_mo
     scorer = RecordingUniform()
     cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.25, scorer=scorer)
     sdpa_model.generate(**mixed_batch, past_key_values=cache, max_new_tokens=1, do_sample=False)
+    assert_pruned(cache, mixed_batch, visual_ids(sdpa_model), kept_counts=[12, 8, 0])
     grids = [[(6, 8)], [(4, 4), (4, 4)], []]  # merged tokens (h, w) of 224x168 and 112x112 images
     blocks = image_blocks(mixed_batch, sdpa_model)
     assert scorer.block_grids is not None, "the cache must give scorers each image's grid"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from oracles import GREEDY, full_positions, masked_decode_logits
+from oracles import GREEDY, assert_pruned, full_positions, masked_decode_logits
 
 from sparse_cache import PrunableDynamicCache
 from sparse_cache._compat import rope_tables
@@ -48,6 +48,7 @@ def test_gravity_correction_equals_direct_all_ones_computation(sdpa_model, singl
 def test_sparsevlm_plus_scores_equal_eager_reference(model, eager_model, single_inputs):
     cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer="sparsevlm_plus")
     model.generate(**single_inputs, past_key_values=cache, max_new_tokens=1)
+    assert_pruned(cache, single_inputs, visual_ids(model), kept_counts=[12])
     ids = single_inputs["input_ids"][0]
     out = eager_model(**single_inputs, output_attentions=True, output_hidden_states=True)
     attn = out.attentions[2][0].float()  # (H, S, S)
@@ -62,12 +63,14 @@ def test_sparsevlm_plus_scores_equal_eager_reference(model, eager_model, single_
     a = attn[:, raters][:, :, visual]
     heads = torch.topk(a.sum((1, 2)), a.shape[0] // 2).indices
     expected = (a / bias[:, visual])[heads].mean((0, 1))
+    assert len(cache.visual_scores) == 1 and cache.visual_scores[0].numel() == expected.numel() == visual.numel()
     assert torch.allclose(cache.visual_scores[0], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_sparsevlm_plus_decoding_matches_masked_oracle(model, batch_inputs):
     cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer="sparsevlm_plus")
     out = model.generate(**batch_inputs, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, **GREEDY)
+    assert_pruned(cache, batch_inputs, visual_ids(model), kept_counts=[12, 4])
     prompt_len = batch_inputs["input_ids"].shape[1]
     expected = masked_decode_logits(
         model, batch_inputs, cache.kept_visual_positions, out.sequences[:, prompt_len:], visual_ids(model)
@@ -90,6 +93,7 @@ def test_adaptive_keep_count_on_a_matrix_of_known_rank():
 def test_adaptive_budget_in_the_cache(sdpa_model, eager_model, batch_inputs):
     cache = PrunableDynamicCache(sdpa_model, adaptive_scale=0.5)
     out = sdpa_model.generate(**batch_inputs, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, **GREEDY)
+    assert_pruned(cache, batch_inputs, visual_ids(sdpa_model))
     ids = batch_inputs["input_ids"]
     mask = batch_inputs["attention_mask"]
     ref = eager_model(**batch_inputs, output_attentions=True, output_hidden_states=True)
