@@ -7,7 +7,8 @@
 
 import logging
 
-from ._compat import MAX_TRANSFORMERS_EXCLUSIVE, MIN_TRANSFORMERS, SUPPORTED_MODEL_CLASSES
+from ._compat import MAX_TRANSFORMERS_EXCLUSIVE, MIN_TRANSFORMERS
+from .models import supported_model_classes
 from . import processor as _processor  # noqa: F401  (registers the torchvision-free processor class)
 from .auto import disable, enable, is_enabled, pruning
 from .cache import PrunableDynamicCache
@@ -15,6 +16,9 @@ from .hooks import uninstall
 from .scorers import SCORERS, Scorer, ScoringContext
 
 __version__ = "0.1.0"
+
+#: Model classes a :class:`PrunableDynamicCache` can be built for (every registered family).
+SUPPORTED_MODEL_CLASSES = supported_model_classes()
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

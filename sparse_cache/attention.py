@@ -3,7 +3,7 @@
 Every attention-based scorer needs the post-softmax attention of a handful of query rows (the text
 raters, the last prompt token) over all keys of one layer. The modeling code never materialises it
 under sdpa or flash-attention, so we recompute exactly those rows from the layer's own inputs: the
-normed hidden states the attention module received, its ``q_proj``, the RoPE ``cos``/``sin`` it was
+normed hidden states the attention module received, its ``q_proj`` (and per-head ``q_norm`` if it has one), the RoPE ``cos``/``sin`` it was
 given, and the keys it just wrote to the cache. Memory is ``O(heads x rows x N)``.
 
 The result equals ``output_attentions=True`` under eager attention (same scaling, causal and padding
@@ -49,7 +49,11 @@ def attention_rows(
     rows = query_index.numel()
 
     h = hidden_states.index_select(0, query_index)
-    q = attn_module.q_proj(h).view(rows, num_heads, head_dim).transpose(0, 1)  # (H, R, d)
+    q = attn_module.q_proj(h).view(rows, num_heads, head_dim)
+    q_norm = getattr(attn_module, "q_norm", None)  # a per-head norm before RoPE (Qwen3 backbones), as the module does
+    if q_norm is not None:
+        q = q_norm(q)
+    q = q.transpose(0, 1)  # (H, R, d)
     c = cos.index_select(0, query_index).unsqueeze(0)
     s = sin.index_select(0, query_index).unsqueeze(0)
     q = (q * c + rotate_half(q) * s).float()

@@ -68,7 +68,9 @@ from transformers import DynamicCache, GenerationConfig
 
 from . import cache as _cache_module
 from . import presets, testing
-from ._compat import CACHE_KWARG, MAX_TRANSFORMERS_EXCLUSIVE, MIN_TRANSFORMERS, SUPPORTED_ATTENTION, adapt
+from ._compat import CACHE_KWARG, MAX_TRANSFORMERS_EXCLUSIVE, MIN_TRANSFORMERS
+from .models import SUPPORTED_ATTENTION
+from .models import adapter_for as adapt
 from .cache import PrunableDynamicCache
 from .hooks import uninstall
 from .scorers import SCORERS
@@ -480,7 +482,7 @@ class _Probe:
 
     def wrap(self, cache, method: str, label: str) -> None:
         """Time ``cache.<method>`` of this run's cache (an instance attribute: the class is untouched)."""
-        original = getattr(cache, method, None)
+        original = getattr(cache, method, None) if cache is not None else None
         if original is None:
             logger.warning("PrunableDynamicCache has no %s: %s is not timed", method, label)
             return
@@ -802,11 +804,12 @@ def run_benchmark(
         cache = PrunableDynamicCache(
             model, keep_ratio=config.keep_ratio, scorer=settings.scorer, seed=settings.seed, **extra
         )
-        probe.wrap(cache, "_score", "score")
-        probe.wrap(cache, "_select", "select")
-        probe.wrap(cache, "_compact", "compact")
+        lifecycle = getattr(cache, "sparse_cache_lifecycle", None)  # the per-call pruning steps live there
+        probe.wrap(lifecycle, "_score", "score")
+        probe.wrap(lifecycle, "_select", "select")
+        probe.wrap(lifecycle, "_compact", "compact")
         if config.mode == "in-prefill":  # the early layers' gather of in-prefill pruning is its compaction
-            probe.wrap(cache, "_finish_in_prefill", "compact")
+            probe.wrap(lifecycle, "_finish_in_prefill", "compact")
         return cache
 
     def generate(cache):

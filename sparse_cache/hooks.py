@@ -4,7 +4,7 @@
 queries. So a few forward hooks are installed on the model while a pruning cache (or :func:`~sparse_cache.enable`)
 needs them:
 
-- the ``Qwen2_5_VLModel`` (pre): captures ``input_ids`` (where the visual tokens are) and grids, and hands
+- the VLM (pre): captures ``input_ids`` (where the visual tokens are) and grids, and hands
   the model the positions of a call without ``position_ids`` from the conversation's own M-RoPE offsets;
 - the text decoder (pre): captures the input embeddings, and hands the model a 2-D mask in the
   physical layout of a compacted cache; (post): selects and compacts right after the forward, and checks
@@ -39,7 +39,7 @@ import weakref
 
 import torch
 
-from ._compat import CACHE_KWARGS, ModelAdapter, generation_positions, get_cache
+from ._compat import CACHE_KWARGS, get_cache
 
 logger = logging.getLogger(__name__)
 
@@ -64,77 +64,78 @@ class _Installation:
         return self.caches > 0 or self.enabled
 
 
-def _prunable(cache) -> bool:
-    from .cache import PrunableDynamicCache  # local import: cache.py imports this module
+_LIFECYCLE_ATTR = "sparse_cache_lifecycle"  # what a pruning cache carries; the hooks talk to it only
 
-    return isinstance(cache, PrunableDynamicCache)
+
+def _lifecycle(cache):
+    return getattr(cache, _LIFECYCLE_ATTR, None) if cache is not None else None
 
 
 def _cache_of(args, kwargs, names: tuple[str, ...] = ()):
-    """The call's cache if it is a pruning cache, else ``None`` (the hooks' one and only gate)."""
-    cache = get_cache(args, kwargs, names)
-    return cache if _prunable(cache) else None
+    """The pruning lifecycle of the call's cache, or ``None`` for any other cache (the hooks' one gate)."""
+    return _lifecycle(get_cache(args, kwargs, names))
 
 
 def _vlm_pre_hook(module, args, kwargs):
-    cache = _cache_of(args, kwargs, getattr(module, "_sparse_cache_args", ()))
-    if cache is not None:
-        return cache._on_vlm_forward(module, args, kwargs)
+    life = _cache_of(args, kwargs, getattr(module, "_sparse_cache_args", ()))
+    if life is not None:
+        return life.on_vlm_forward(module, args, kwargs)
     return None
 
 
 def _top_pre_hook(module, args, kwargs):
-    cache = _cache_of(args, kwargs)
-    if cache is not None:
-        return cache._on_top_forward(module, args, kwargs)
+    life = _cache_of(args, kwargs)
+    if life is not None:
+        return life.on_top_forward(module, args, kwargs)
     return None
 
 
 def _top_post_hook(module, args, kwargs, output):
-    cache = _cache_of(args, kwargs)
-    if cache is not None:
-        return cache._on_top_forward_end(output)
+    life = _cache_of(args, kwargs)
+    if life is not None:
+        return life.on_top_forward_end(output)
     return None
 
 
 def _text_pre_hook(module, args, kwargs):
-    cache = _cache_of(args, kwargs, getattr(module, "_sparse_cache_args", ()))
-    if cache is not None:
-        return cache._on_text_forward(args, kwargs)
+    life = _cache_of(args, kwargs, getattr(module, "_sparse_cache_args", ()))
+    if life is not None:
+        return life.on_text_forward(args, kwargs)
     return None
 
 
 def _text_post_hook(module, args, kwargs, output):
-    cache = _cache_of(args, kwargs, getattr(module, "_sparse_cache_args", ()))
-    if cache is not None:
-        cache._on_text_forward_end(failed=output is None)
+    life = _cache_of(args, kwargs, getattr(module, "_sparse_cache_args", ()))
+    if life is not None:
+        life.on_text_forward_end(failed=output is None)
     return None
 
 
 def _layer_pre_hook(module, args, kwargs):
-    cache = _cache_of(args, kwargs)
-    if cache is not None:
-        return cache._on_layer_forward(module, args, kwargs)
+    life = _cache_of(args, kwargs)
+    if life is not None:
+        return life.on_layer_forward(module, args, kwargs)
     return None
 
 
 def _layer_post_hook(module, args, kwargs, output):
-    cache = _cache_of(args, kwargs)
-    if cache is not None:
-        return cache._on_layer_forward_end(module, output)
+    life = _cache_of(args, kwargs)
+    if life is not None:
+        return life.on_layer_forward_end(module, output)
     return None
 
 
 def _attention_post_hook(module, args, kwargs, output):
-    cache = _cache_of(args, kwargs)
-    if cache is not None:
-        cache._on_attention(module, args, kwargs)
+    life = _cache_of(args, kwargs)
+    if life is not None:
+        life.on_attention(module, args, kwargs)
     return None
 
 
 def _model_kwargs_cache(kwargs: dict):
+    """The pruning cache among a ``generate`` call's model kwargs (under either keyword), else ``None``."""
     for name in CACHE_KWARGS:
-        if _prunable(kwargs.get(name)):
+        if _lifecycle(kwargs.get(name)) is not None:
             return kwargs[name]
     return None
 
@@ -147,13 +148,13 @@ def _wrap_prepare_inputs(top: torch.nn.Module):
         cache = _model_kwargs_cache(kwargs)
         if cache is not None and kwargs.get("is_first_iteration"):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
-            cache._on_generate_prefill(input_ids)
+            _lifecycle(cache).on_generate_prefill(input_ids)
         return original(*args, **kwargs)
 
     return original, prepare_inputs_for_generation
 
 
-def _wrap_prepare_positions(top: torch.nn.Module, vlm: torch.nn.Module):
+def _wrap_prepare_positions(top: torch.nn.Module, adapter):
     """A pruned conversation's positions come from its own offsets, never from the model's ``rope_deltas``."""
     original = top._prepare_position_ids_for_generation
 
@@ -161,13 +162,13 @@ def _wrap_prepare_positions(top: torch.nn.Module, vlm: torch.nn.Module):
     def _prepare_position_ids_for_generation(inputs_tensor, model_kwargs):
         cache = _model_kwargs_cache(model_kwargs)
         if cache is not None:
-            return generation_positions(top, vlm, inputs_tensor, model_kwargs, cache)
+            return adapter.generation_positions(inputs_tensor, model_kwargs, cache)
         return original(inputs_tensor, model_kwargs)
 
     return original, _prepare_position_ids_for_generation
 
 
-def _register(adapter: ModelAdapter) -> _Installation:
+def _register(adapter) -> _Installation:
     top = adapter.top
     adapter.vlm._sparse_cache_args = adapter.vlm_args
     adapter.text_model._sparse_cache_args = adapter.text_args
@@ -190,9 +191,10 @@ def _register(adapter: ModelAdapter) -> _Installation:
         wrapped["prepare_inputs_for_generation"] = original
         top.prepare_inputs_for_generation = wrapper
     if hasattr(top, "_prepare_position_ids_for_generation"):
-        original, wrapper = _wrap_prepare_positions(top, adapter.vlm)
+        original, wrapper = _wrap_prepare_positions(top, adapter)
         wrapped["_prepare_position_ids_for_generation"] = original
         top._prepare_position_ids_for_generation = wrapper
+    handles += adapter.install()  # family-specific extras (e.g. per-token features an in-prefill cut must follow)
     logger.debug("sparse_cache: installed %d hooks on %s", len(handles), type(top).__name__)
     return _Installation(handles, wrapped)
 
@@ -212,7 +214,7 @@ def _remove(top: torch.nn.Module, installation: _Installation) -> None:
     logger.debug("sparse_cache: removed %d hooks from %s", len(installation.handles), type(top).__name__)
 
 
-def _acquire(adapter: ModelAdapter) -> _Installation:
+def _acquire(adapter) -> _Installation:
     with _LOCK:
         installation = vars(adapter.top).get(_STATE_ATTR)
         if installation is None:
@@ -240,7 +242,7 @@ def _cache_released(top_ref: weakref.ref) -> None:
             _release_if_unheld(top)
 
 
-def hold_for_cache(adapter: ModelAdapter, cache) -> None:
+def hold_for_cache(adapter, cache) -> None:
     """Install the hooks if needed and keep them while ``cache`` is alive (released when it is collected)."""
     with _LOCK:
         installation = _acquire(adapter)
@@ -248,7 +250,7 @@ def hold_for_cache(adapter: ModelAdapter, cache) -> None:
     weakref.finalize(cache, _cache_released, weakref.ref(adapter.top))
 
 
-def hold_for_enable(adapter: ModelAdapter) -> None:
+def hold_for_enable(adapter) -> None:
     with _LOCK:
         _acquire(adapter).enabled = True
 

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from sparse_cache import PrunableDynamicCache, testing, uninstall
 from sparse_cache.hooks import is_installed
+from sparse_cache.lifecycle import PruningLifecycle
 
 NEW = 6
 ATOL = 1e-5
@@ -197,13 +198,13 @@ def test_scoring_allocates_no_n_by_n_tensor(sdpa_model, processor, monkeypatch):
                     shapes.append(tuple(t.shape))
             return out
 
-    original = PrunableDynamicCache._score
+    original = PruningLifecycle._score
 
     def recording_score(self, p, context):
         with RecordShapes():
             return original(self, p, context)
 
-    monkeypatch.setattr(PrunableDynamicCache, "_score", recording_score)
+    monkeypatch.setattr(PruningLifecycle, "_score", recording_score)
     cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.25)
     generate(sdpa_model, inputs, cache, new=1)
     assert_pruned(cache, inputs, visual_ids(sdpa_model))

@@ -5,7 +5,7 @@ import torch
 from oracles import GREEDY, assert_pruned, full_positions, masked_decode_logits
 
 from sparse_cache import PrunableDynamicCache
-from sparse_cache._compat import rope_tables
+from sparse_cache.models import adapter_for
 from sparse_cache.scorers.sparsevlm_plus import position_bias
 from sparse_cache.select import adaptive_keep_count
 
@@ -34,7 +34,9 @@ def test_gravity_correction_equals_direct_all_ones_computation(sdpa_model, singl
     seq = positions.shape[1]
     text_model = sdpa_model.model.language_model
     hidden = torch.zeros(1, seq, text_model.config.hidden_size)
-    cos, sin = rope_tables(text_model.layers[0].self_attn, *text_model.rotary_emb(hidden, positions[:, None]))
+    cos, sin = adapter_for(sdpa_model).rope_tables(
+        text_model.layers[0].self_attn, *text_model.rotary_emb(hidden, positions[:, None])
+    )
     rows = torch.tensor([seq - 5, seq - 3, seq - 1])
     allowed = torch.arange(seq)[None, :] <= rows[:, None]
     got = position_bias(cos[0, rows], sin[0, rows], cos[0], sin[0], text_model.layers[0].self_attn.scaling, allowed)

@@ -1,0 +1,143 @@
+"""The model-adapter interface: what the family-agnostic engine needs to know about a VLM family.
+
+One subclass per family (one file each in this folder), registered with :func:`~sparse_cache.models.register`.
+The engine (capture, scoring, selection, compaction, in-prefill pruning, masks, beams) talks to a model
+only through an adapter, and never names a family.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._compat import forward_arg_names
+
+#: Attention implementations whose masks and positions are tested with the pruned cache.
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+class VLMAdapter:
+    """The handful of modules, ids and rules a pruning cache needs from one VLM family.
+
+    Subclasses set the class attributes and, where the family differs, override the methods.
+
+    Class attributes:
+        family: display name ("Qwen2.5-VL").
+        model_classes: names of the top-level classes (``...ForConditionalGeneration``) it adapts.
+        base_model_classes: names of the bare VLM classes (``...Model``) it adapts.
+        example: a checkpoint id, for error messages.
+        supported_attention: attention implementations tested with the pruned cache.
+        grid_kwargs: ``(token id attribute of the config, grid keyword of the forward)`` per visual kind,
+            in the order the model consumes placeholders (images, then videos).
+    """
+
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+    base_model_classes: tuple[str, ...] = ()
+    example: str = ""
+    supported_attention: tuple[str, ...] = SUPPORTED_ATTENTION
+    grid_kwargs: tuple[tuple[str, str], ...] = (("image_token_id", "image_grid_thw"), ("video_token_id", "video_grid_thw"))
+    #: forward keywords that only the prompt's own forward needs (dropped from a later split-off forward)
+    visual_input_kwargs: tuple[str, ...] = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+
+    def __init__(self, model: torch.nn.Module):
+        name = type(model).__name__
+        self.top = model
+        self.vlm = model if name in self.base_model_classes else model.model
+        config = self.vlm.config
+        self.config = config
+        self.text_config = config.get_text_config(decoder=True)
+        self.text_model = self.vlm.language_model
+        self.layers = self.text_model.layers
+        self.num_layers = len(self.layers)
+        self.image_token_id = int(config.image_token_id)
+        video = getattr(config, "video_token_id", None)
+        self.video_token_id = int(video) if video is not None else None
+        self.spatial_merge_size = int(config.vision_config.spatial_merge_size)
+        self.attn_implementation = getattr(self.text_config, "_attn_implementation", None) or "eager"
+        self.vlm_args = forward_arg_names(self.vlm)
+        self.text_args = forward_arg_names(self.text_model)
+        self.validate()
+
+    # ------------------------------------------------------------------ identity and checks
+    @classmethod
+    def handles(cls, model: torch.nn.Module) -> bool:
+        return type(model).__name__ in cls.model_classes + cls.base_model_classes
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for configurations the pruned cache does not support."""
+        text = self.text_config
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        if getattr(text, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
+            raise ValueError(
+                "model: sliding-window attention layers are not supported by PrunableDynamicCache (they assume "
+                f"contiguous storage); got layer_types={sorted(set(layer_types))} and "
+                f"use_sliding_window={getattr(text, 'use_sliding_window', False)}. "
+                f"Load the model with use_sliding_window=False (the {self.family} default)."
+            )
+        if self.attn_implementation not in self.supported_attention:
+            raise ValueError(
+                f"model: attn_implementation={self.attn_implementation!r} is not supported by PrunableDynamicCache; "
+                f"load the model with attn_implementation in {self.supported_attention}. "
+                "(Flash-attention reads 2-D masks from the right and has not been validated on a pruned cache.)"
+            )
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        return tuple(i for i in (self.image_token_id, self.video_token_id) if i is not None)
+
+    def attention(self, layer_idx: int) -> torch.nn.Module:
+        return self.layers[layer_idx].self_attn
+
+    def grid_sources(self) -> list[tuple[int, str]]:
+        """``(token id, grid keyword)`` per visual kind present in this model."""
+        out = []
+        for attr, keyword in self.grid_kwargs:
+            token_id = getattr(self, attr, None)
+            if token_id is not None:
+                out.append((token_id, keyword))
+        return out
+
+    def default_scoring_layer(self, reference_layer: int | None) -> int | None:
+        """A scorer's layer for a 32-layer model (the published setting), scaled to this model's depth."""
+        if reference_layer is None:
+            return None
+        return min(self.num_layers - 1, int(reference_layer * self.num_layers / 32 + 0.5))
+
+    # ------------------------------------------------------------------ scoring
+    def rope_tables(self, attn_module, cos: torch.Tensor, sin: torch.Tensor):
+        """``(B, S, head_dim)`` RoPE tables from the ``position_embeddings`` an attention module received."""
+        return cos, sin
+
+    # ------------------------------------------------------------------ positions (subclasses)
+    def prefill_positions(self, input_ids, kwargs: dict, attention_mask):
+        """Positions of a first forward called without ``position_ids`` (``None``: the model's default)."""
+        return None
+
+    def continuation_positions(self, deltas, past_logical: int, seq_len: int, attention_mask, device):
+        raise NotImplementedError
+
+    def deltas_from_positions(self, position_ids, token_valid, valid_total):
+        raise NotImplementedError
+
+    def grids_from_positions(self, position_ids, block_of: torch.Tensor, is_visual: torch.Tensor):
+        """Each visual block's merged ``(t, h, w)`` grid read from the positions, when the grids were not given
+        (``None``: unknown)."""
+        return None
+
+    def position_rows(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The rotary rows ``(R, B, S)`` of ``position_ids``."""
+        return position_ids[None] if position_ids.ndim == 2 else position_ids
+
+    def generation_positions(self, inputs_tensor, model_kwargs: dict, cache):
+        """The model's ``_prepare_position_ids_for_generation`` for a pruning cache (no shared state)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ per-token extras
+    def install(self) -> list:
+        """Family-specific hooks or wrappers (returned as objects with ``remove()``); none by default."""
+        return []
+
+    def set_active_layout(self, layout: dict | None) -> None:
+        """The in-prefill layout of the forward in progress changed (``None``: no cut in progress). Families
+        with per-token features beyond the hidden states (DeepStack) follow it; a no-op by default."""
