@@ -174,7 +174,7 @@ class PruningLifecycle(InPrefillMixin):
         if not has_visual:
             return result
         is_visual &= token_valid
-        block_of, block_grids = _visual_block_ids(input_ids, is_visual, adapter, kwargs)
+        block_of, block_grids = adapter.visual_blocks(input_ids, is_visual, kwargs)
         if block_grids is None:
             block_grids = adapter.grids_from_positions(position_ids, block_of, is_visual)
         visual_positions, visual_blocks, text_positions = [], [], []
@@ -465,45 +465,3 @@ class PruningLifecycle(InPrefillMixin):
         positions = self._column_positions(p, keep.device).gather(1, index).masked_fill(~new_mask, -1)
         self.cache._gather_layers(index, self.cache.layers)
         self.cache._set_prefix(p.past_logical + p.seq_len, new_mask, positions)
-
-
-def _visual_block_ids(input_ids: torch.Tensor, is_visual: torch.Tensor, adapter, kwargs):
-    """``(B, S)`` index of the image or video each visual token belongs to (budgets apply per block),
-    and the merged ``(t, h, w)`` grid of each block index (``None`` when the grids are unusable).
-
-    Placeholders of all rows are consumed in order by the images of ``image_grid_thw`` (then videos of
-    ``video_grid_thw``), ``t*h*w/merge**2`` tokens each, as the model's ``masked_scatter`` does. If the
-    grids are missing or do not match the placeholder count, contiguous runs of visual tokens are blocks.
-    """
-    block = torch.full_like(input_ids, -1)
-    side = adapter.spatial_merge_size
-    merge = side**2
-    offset = 0
-    consistent = True
-    grids: list[tuple[int, int, int]] = []
-    for token_id, grid_name in adapter.grid_sources():
-        is_kind = (input_ids == token_id) & is_visual
-        total = int(is_kind.sum())
-        if total == 0:
-            continue
-        grid = kwargs.get(grid_name)
-        if grid is None:
-            consistent = False
-            break
-        counts = (grid.prod(-1) // merge).to(input_ids.device)
-        if int(counts.sum()) != total:
-            consistent = False
-            break
-        ends = torch.cumsum(counts, 0)
-        rank = torch.cumsum(is_kind.flatten().long(), 0).view_as(input_ids) - 1  # running index over all rows
-        ids = torch.searchsorted(ends, rank, right=True) + offset
-        block = torch.where(is_kind, ids, block)
-        offset += counts.numel()
-        grids += [(int(t), int(h) // side, int(w) // side) for t, h, w in grid.tolist()]
-    if consistent:
-        return block, grids
-    starts = is_visual.clone()
-    starts[:, 1:] &= ~is_visual[:, :-1]
-    # numbered over the whole batch (row-major), so that a block index names one block of one row
-    runs = torch.cumsum(starts.flatten().long(), dim=0).view_as(input_ids) - 1
-    return torch.where(is_visual, runs, torch.full_like(runs, -1)), None

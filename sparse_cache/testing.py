@@ -526,3 +526,130 @@ def make_video_inputs(processor, prompt: str, frames: Sequence[Image.Image], fps
             "mm_token_type_ids": mm_token_type_ids,
         }
     )
+
+
+# --------------------------------------------------------------------------- every supported family
+
+#: Families :func:`tiny_vlm_model` builds (one per registered model adapter).
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+_QWEN3_PATCH_SIZE = 16
+
+
+def tiny_vlm_config(family: str = "qwen2_5_vl", **overrides: Any):
+    """A tiny config of ``family`` (see :data:`FAMILIES`) matching :func:`tiny_tokenizer`.
+
+    Text as :func:`tiny_qwen2_5_vl_config` (hidden 64, 4 layers, 4 heads of 16, 2 KV heads); Qwen3-VL adds
+    per-head q/k norms, interleaved M-RoPE, a patch-16 vision tower with 4x4 learned position embeddings and
+    DeepStack features added after decoder layers 0 and 1; the MoE variant has 4 experts, 2 per token.
+    ``overrides`` as for :func:`tiny_qwen2_5_vl_config` (text keys, ``vision_``-prefixed keys).
+    """
+    if family == "qwen2_5_vl":
+        return tiny_qwen2_5_vl_config(**overrides)
+    if family not in FAMILIES:
+        raise ValueError(f"family: unknown family {family!r}; valid: {FAMILIES}")
+    from transformers import Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
+
+    ids = _special_ids()
+    attn_implementation = overrides.pop("attn_implementation", None)
+    rope_theta = overrides.pop("rope_theta", 1_000_000.0)
+    mrope_section = overrides.pop("mrope_section", None)
+    text = dict(_TEXT_DEFAULTS)
+    text.update(vocab_size=max(ids.values()) + 1, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, in_channels=3, patch_size=_PATCH_SIZE,
+                      spatial_merge_size=_MERGE_SIZE, temporal_patch_size=_TEMPORAL_PATCH_SIZE, hidden_act="quick_gelu")
+    else:
+        vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, in_channels=3,
+                      patch_size=_QWEN3_PATCH_SIZE, spatial_merge_size=_MERGE_SIZE,
+                      temporal_patch_size=_TEMPORAL_PATCH_SIZE, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
+        text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    if family == "qwen3_vl_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                    mlp_only_layers=[])
+    top: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key.startswith("vision_"):
+            vision[key[len("vision_"):]] = value
+        elif key in _TOP_LEVEL_KEYS:
+            top[key] = value
+        else:
+            text[key] = value
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    section = list(mrope_section or _default_mrope_section(head_dim))
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": section}
+    if family == "qwen2_vl":
+        vision["hidden_size"] = text["hidden_size"]
+        config_class = Qwen2VLConfig
+    else:
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision["out_hidden_size"] = text["hidden_size"]
+        config_class = Qwen3VLConfig if family == "qwen3_vl" else Qwen3VLMoeConfig
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **top,
+    )
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_vlm_model(
+    family: str = "qwen2_5_vl",
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    init_std: float = 0.2,
+    **overrides: Any,
+):
+    """A tiny random-weight ``...ForConditionalGeneration`` of ``family`` in eval mode (weights as in
+    :func:`tiny_qwen2_5_vl_model`: they depend only on ``seed``)."""
+    if family == "qwen2_5_vl":
+        return tiny_qwen2_5_vl_model(seed, attn_implementation, dtype, init_std, **overrides)
+    import transformers
+
+    config = tiny_vlm_config(family, attn_implementation=attn_implementation, **overrides)
+    model_class = {
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen3_vl": "Qwen3VLForConditionalGeneration",
+        "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    }[family]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config)
+    _reinit_weights(model, init_std, seed)
+    if family == "qwen3_vl_moe":  # fused expert weights are plain Parameters: draw them too
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".experts." in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * init_std)
+    model = model.to(dtype=dtype).eval()
+    text_config = config.get_text_config()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id,
+        do_sample=False,
+    )
+    return model
+
+
+def tiny_family_processor(family: str = "qwen2_5_vl"):
+    """:func:`tiny_processor` with the image processor of ``family`` (patch 16 for Qwen3-VL, 14 otherwise).
+
+    The Qwen3-VL processor class itself needs torchvision (its video processor); its image inputs are those of
+    the PIL Qwen2-VL image processor with patch 16, which is what this returns (images only: Qwen3-VL video
+    prompts carry per-frame timestamps this processor does not write).
+    """
+    if family not in ("qwen3_vl", "qwen3_vl_moe"):
+        return tiny_processor()
+    side = _QWEN3_PATCH_SIZE * _MERGE_SIZE
+    processor = tiny_processor(min_pixels=side * side * 4, max_pixels=side * side * 64)
+    processor.image_processor.patch_size = _QWEN3_PATCH_SIZE
+    return processor

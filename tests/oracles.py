@@ -167,6 +167,8 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
 
     def capture(module, args, kwargs):
         captured["embeds"] = kwargs["inputs_embeds"]
+        captured["deepstack"] = kwargs.get("deepstack_visual_embeds")  # Qwen3-VL: features added after layers 0..
+        captured["deepstack_mask"] = kwargs.get("visual_pos_masks")
 
     handle = text_model.register_forward_pre_hook(capture, with_kwargs=True)
     try:
@@ -175,6 +177,21 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
         handle.remove()
     hidden = captured["embeds"]
     dtype = hidden.dtype
+    deepstack, deepstack_mask = captured["deepstack"], captured["deepstack_mask"]
+    if deepstack is not None:  # row-major rank of each visual token among the features' rows
+        deepstack_rank = torch.cumsum(deepstack_mask.flatten().long(), 0).view_as(deepstack_mask) - 1
+
+    def add_deepstack(hidden, layer, current, current_valid):
+        """Qwen3-VL adds DeepStack features to the visual tokens after its first layers (to the ones computed)."""
+        if deepstack is None or layer >= len(deepstack):
+            return hidden
+        hidden = hidden.clone()
+        for row in range(hidden.shape[0]):
+            for slot in range(hidden.shape[1]):
+                token = int(current[row, slot])
+                if current_valid[row, slot] and deepstack_mask[row, token]:
+                    hidden[row, slot] += deepstack[layer][deepstack_rank[row, token]].to(hidden.dtype)
+        return hidden
     cos, sin = text_model.rotary_emb(hidden, positions[1:])
 
     def causal(valid_cols, past_valid=None):
@@ -198,6 +215,7 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
         for i in range(start, boundaries[stage] + 1):
             hidden = layers[i](hidden, attention_mask=mask, position_embeddings=rope, position_ids=None,
                                past_key_values=caches[i], use_cache=True)
+            hidden = add_deepstack(hidden, i, current, current_valid)
             layer_slots.append((current, current_valid))
         start = boundaries[stage] + 1
         if stage == len(stages):

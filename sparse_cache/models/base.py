@@ -98,6 +98,47 @@ class VLMAdapter:
                 out.append((token_id, keyword))
         return out
 
+    def visual_blocks(self, input_ids: torch.Tensor, is_visual: torch.Tensor, kwargs: dict):
+        """``(B, S)`` index of the image or video each visual token belongs to (budgets apply per block),
+        and the merged ``(t, h, w)`` grid of each block index (``None`` when the grids are unusable).
+
+        Placeholders of all rows are consumed in order by the images of ``image_grid_thw`` (then videos of
+        ``video_grid_thw``), ``t*h*w/merge**2`` tokens each, as the model's ``masked_scatter`` does. If the
+        grids are missing or do not match the placeholder count, contiguous runs of visual tokens are blocks.
+        """
+        block = torch.full_like(input_ids, -1)
+        side = self.spatial_merge_size
+        merge = side**2
+        offset = 0
+        consistent = True
+        grids: list[tuple[int, int, int]] = []
+        for token_id, grid_name in self.grid_sources():
+            is_kind = (input_ids == token_id) & is_visual
+            total = int(is_kind.sum())
+            if total == 0:
+                continue
+            grid = kwargs.get(grid_name)
+            if grid is None:
+                consistent = False
+                break
+            counts = (grid.prod(-1) // merge).to(input_ids.device)
+            if int(counts.sum()) != total:
+                consistent = False
+                break
+            ends = torch.cumsum(counts, 0)
+            rank = torch.cumsum(is_kind.flatten().long(), 0).view_as(input_ids) - 1  # running index over all rows
+            ids = torch.searchsorted(ends, rank, right=True) + offset
+            block = torch.where(is_kind, ids, block)
+            offset += counts.numel()
+            grids += [(int(t), int(h) // side, int(w) // side) for t, h, w in grid.tolist()]
+        if consistent:
+            return block, grids
+        starts = is_visual.clone()
+        starts[:, 1:] &= ~is_visual[:, :-1]
+        # numbered over the whole batch (row-major), so that a block index names one block of one row
+        runs = torch.cumsum(starts.flatten().long(), dim=0).view_as(input_ids) - 1
+        return torch.where(is_visual, runs, torch.full_like(runs, -1)), None
+
     def default_scoring_layer(self, reference_layer: int | None) -> int | None:
         """A scorer's layer for a 32-layer model (the published setting), scaled to this model's depth."""
         if reference_layer is None:
