@@ -50,7 +50,7 @@ def attention_rows(
 
     h = hidden_states.index_select(0, query_index)
     q = attn_module.q_proj(h).view(rows, num_heads, head_dim)
-    q_norm = getattr(attn_module, "q_norm", None)  # a per-head norm before RoPE (Qwen3 backbones), as the module does
+    q_norm = getattr(attn_module, "q_norm", None)  # a per-head norm before RoPE, as the module applies it
     if q_norm is not None:
         q = q_norm(q)
     q = q.transpose(0, 1)  # (H, R, d)

@@ -47,7 +47,7 @@ class PrunableDynamicCache(DynamicCache):
     stay those of the full sequence, so decoding is exact with respect to the kept tokens.
 
     Args:
-        model: a supported VLM (``sparse_cache.SUPPORTED_MODEL_CLASSES``: the Qwen-VL families, top-level or bare
+        model: a supported VLM (``sparse_cache.SUPPORTED_MODEL_CLASSES``: every registered family, top-level or bare
             model) loaded with ``attn_implementation="sdpa"`` or ``"eager"``. Hooks are installed on it while a
             pruning cache is alive; they do nothing for calls that do not use one.
         keep_ratio: fraction in (0, 1] of each image's (or video's) visual tokens to keep,

@@ -112,7 +112,7 @@ def layer_average_ratio(schedule: list[tuple[int, float]], num_layers: int) -> f
 def derive_schedule(equivalent_keep_ratio: float, num_layers: int) -> list[tuple[int, float]]:
     """A progressive schedule whose layer-average keep ratio is ``equivalent_keep_ratio``.
 
-    The authors' layers 2/6/15 of 32 are scaled to the model's depth (2/5/13 of 28 for Qwen2.5-VL-7B,
+    The authors' layers 2/6/15 of 32 are scaled to the model's depth (2/5/13 of a 28-layer model,
     duplicates merged), and their budget profile 300:200:110 is scaled by one factor so that the average
     over layers of the visual tokens computed equals the target. Ratios are relative to each image's own
     visual count. Raises ``ValueError`` if the target is below what the first pruning layer allows.

@@ -22,8 +22,8 @@ def visual_block_ranges(context: ScoringContext, row: int) -> list[tuple[int, in
     """``[start, end)`` ranges, into the row's visual tokens, of each image or video.
 
     Uses ``context.visual_blocks`` (per row, the image/video index of each visual token) when set;
-    otherwise maximal runs of consecutive positions. In Qwen2.5-VL prompts every
-    image and video is wrapped in ``<|vision_start|> ... <|vision_end|>``, so the runs are the blocks.
+    otherwise maximal runs of consecutive positions. In chat prompts every
+    image and video is wrapped in start/end marker tokens, so the runs are the blocks.
     """
     visual = context.visual_positions[row]
     n = visual.numel()

@@ -4,7 +4,7 @@ Based on "SparseVLM+: Visual Token Sparsification with Improved Text-Visual Atte
 SparseVLM authors, Dec 2025), restated in ``docs/methods.md`` section 6:
 
 (a) gravity correction: RoPE alone makes a query favour some key positions (nearby ones, for
-    Qwen2.5-VL the image rows closest to the text). The attention that all-ones queries and keys would
+    M-RoPE models the image rows closest to the text). The attention that all-ones queries and keys would
     get after RoPE at the same (3-D M-RoPE) positions measures that bias; the raters' attention is
     divided by it;
 (b) head selection: only the half of the query heads with the largest rater-to-visual attention mass
