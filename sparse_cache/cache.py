@@ -55,8 +55,9 @@ class PrunableDynamicCache(DynamicCache):
         keep_tokens: number of visual tokens to keep per image (or video); all of them if it has fewer.
         scorer: a registered scorer name (``"sparsevlm"`` default, ``"fastv"``, ``"random"``) or a
             :class:`~sparse_cache.scorers.Scorer` instance.
-        scoring_layer: decoder layer whose attention scores the tokens; defaults to the scorer's own
-            (2 for SparseVLM, 1 for FastV, none for random).
+        scoring_layer: decoder layer whose attention scores the tokens; defaults to the scorer's published
+            layer for a 32-layer model (2 for SparseVLM, 1 for FastV, none for random) scaled to the model's
+            depth: 2 for Qwen2.5-VL-3B/7B and Qwen3-VL-8B, 0 for a 4-layer model.
         seed: seed of the generator handed to stochastic scorers (default 0).
         adaptive_scale: SparseVLM's rank-based budget (paper section 3.2) instead of keep_ratio/keep_tokens:
             each image keeps ``n - round(adaptive_scale * (n - rank(P)))`` tokens, ``P`` being the raters'
@@ -115,8 +116,8 @@ class PrunableDynamicCache(DynamicCache):
             validate_budget(keep_ratio, keep_tokens)
         adapter = adapt(model)
         self.scorer = get_scorer(scorer)
-        if scoring_layer is None:
-            scoring_layer = self.scorer.default_layer
+        if scoring_layer is None and schedule is None:
+            scoring_layer = adapter.default_scoring_layer(self.scorer.default_layer)
         if scoring_layer is not None:
             if isinstance(scoring_layer, bool) or not isinstance(scoring_layer, int):
                 raise TypeError(f"scoring_layer: expected an int, got {type(scoring_layer).__name__}")

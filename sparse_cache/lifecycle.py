@@ -157,7 +157,10 @@ class PruningLifecycle(InPrefillMixin):
         adapter = self.adapter
         batch, seq_len = input_ids.shape
         is_visual = torch.isin(input_ids, torch.tensor(adapter.visual_token_ids, device=input_ids.device))
-        has_visual = bool(is_visual.any())
+        # visual tokens count where the forward brings their features (a prefill, or a later turn's image); a
+        # generated or drafted image-placeholder id in a decode step is just a token
+        brings_visual = any(kwargs.get(name) is not None for name in self.adapter.visual_input_kwargs + ("mm_encoder_outputs",))
+        has_visual = brings_visual and bool(is_visual.any())
         mask = get_arg(args, kwargs, names, "attention_mask")
         mask_2d = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
         if mask_2d is not None:

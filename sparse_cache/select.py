@@ -160,3 +160,19 @@ def validate_schedule(schedule, num_layers: int) -> list[tuple[int, float]]:
             raise ValueError(f"schedule: keep ratios must not increase from stage to stage; got {[r for _, r in stages]}")
         previous_layer, previous_ratio = layer, ratio
     return stages
+
+
+#: Depth of the models the published scoring layers refer to (LLaVA-1.5-7B / Vicuna-7B: 32 decoder layers).
+REFERENCE_DEPTH = 32
+
+
+def scaled_layer(reference_layer: int | None, num_layers: int) -> int | None:
+    """A layer given for a 32-layer model, at the same relative depth of a ``num_layers``-layer one.
+
+    SparseVLM scores at layer 2 of 32: that is layer 2 of Qwen2.5-VL-7B (28 layers) and -3B (36), and layer 0
+    of a 4-layer model, whose retrieval is over by layer 2 (docs/toy-vlm.md). Rounded half up, within range.
+    """
+    if reference_layer is None:
+        return None
+    return max(0, min(num_layers - 1, int(reference_layer * num_layers / REFERENCE_DEPTH + 0.5)))
+

@@ -72,15 +72,15 @@ def masked_decode_logits(model, inputs, kept_positions, new_tokens, visual_token
 
 
 @torch.no_grad()
-def eager_rater_scores(eager_model, inputs, image_token_ids) -> list[torch.Tensor]:
-    """Oracle 4: SparseVLM scores from ``output_attentions=True`` of an eager model (layer 2).
+def eager_rater_scores(eager_model, inputs, image_token_ids, layer: int = 2) -> list[torch.Tensor]:
+    """Oracle 4: SparseVLM scores from ``output_attentions=True`` of an eager model at ``layer``.
 
     Raters re-derived here from the decoder input embeddings (hidden state 0), independently of the
     library: text tokens after the last visual token whose mean (over visual rows) softmax relevance is
     strictly above the mean; all of them if none is.
     """
     out = eager_model(**inputs, output_attentions=True, output_hidden_states=True)
-    attn = out.attentions[2].float()  # (B, H, S, S)
+    attn = out.attentions[layer].float()  # (B, H, S, S)
     embeds = out.hidden_states[0].float()
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")

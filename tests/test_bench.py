@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from sparse_cache import bench, presets
+from sparse_cache.select import scaled_layer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -288,9 +289,11 @@ def test_both_modes_interleaved_with_the_flops_model(tmp_path):
     seq = data["settings"]["sequence_length"]
     layers = text.num_hidden_layers
     row = rows["in-prefill keep=0.25"]
-    assert row["scoring_layer"] == 2 and row["kept_visual_per_row"] == 16
+    scoring = scaled_layer(2, layers)  # SparseVLM's layer 2 of 32, at this model's depth
+    assert row["scoring_layer"] == scoring and row["kept_visual_per_row"] == 16
     kept_total = seq - 64 + 16
-    expected = bench.prefill_flops(text, [seq] * 3 + [kept_total] * (layers - 3)) / bench.prefill_flops(text, [seq] * layers)
+    computed = [seq] * (scoring + 1) + [kept_total] * (layers - scoring - 1)
+    expected = bench.prefill_flops(text, computed) / bench.prefill_flops(text, [seq] * layers)
     assert row["flops_model_prefill_vs_base"] == pytest.approx(expected)
     assert rows["post-prefill keep=0.25"]["flops_model_prefill_vs_base"] == 1.0
     assert data["targets"]["prefill_flops_model"]["worst_config"].startswith("in-prefill")

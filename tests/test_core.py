@@ -134,7 +134,8 @@ def test_scores_equal_eager_output_attentions(model, eager_model, batch_inputs):
     cache = PrunableDynamicCache(model, keep_ratio=0.5)
     generate(model, batch_inputs, cache, new=1)
     assert_pruned(cache, batch_inputs, visual_ids(model), kept_counts=[24, 8])
-    expected = eager_rater_scores(eager_model, batch_inputs, visual_ids(model))
+    assert cache.scoring_layer == 0  # the depth-scaled default: SparseVLM's layer 2 of 32, on 4 layers
+    expected = eager_rater_scores(eager_model, batch_inputs, visual_ids(model), layer=cache.scoring_layer)
     n_visual = (batch_inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
     assert n_visual == [48, 16]
     assert len(expected) == len(cache.visual_scores) == 2, (len(expected), len(cache.visual_scores))

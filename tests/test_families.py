@@ -146,7 +146,7 @@ def test_scores_equal_eager_output_attentions(family, inputs_of):
     cache = PrunableDynamicCache(model_of(family), keep_ratio=0.25)
     model_of(family).generate(**inputs, past_key_values=cache, max_new_tokens=1, **GREEDY)
     assert_pruned(cache, inputs, visual_ids(eager))
-    expected = eager_rater_scores(eager, inputs, visual_ids(eager))
+    expected = eager_rater_scores(eager, inputs, visual_ids(eager), layer=cache.scoring_layer)
     assert len(cache.visual_scores) == len(expected) == inputs["input_ids"].shape[0]
     for got, want in zip(cache.visual_scores, expected):
         assert got.shape == want.shape and got.numel() > 0

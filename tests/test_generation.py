@@ -6,6 +6,9 @@ from oracles import GREEDY, assert_pruned, feed, masked_decode_logits, masked_fu
 
 from sparse_cache import PrunableDynamicCache, testing
 
+#: These oracles were established with SparseVLM scoring at layer 2 of the 4-layer tiny model; the depth-scaled
+#: default (layer 0 there) is covered by test_core, test_state and test_families.
+LAYER = 2
 NEW = 5
 ATOL = 1e-5
 
@@ -45,7 +48,7 @@ def continue_inputs(first_inputs, sequences, turn_ids):
 def test_second_turn_on_pruned_cache_matches_oracle(model, processor, single_inputs, batch_inputs, which):
     inputs = single_inputs if which == "single" else batch_inputs
     batch = inputs["input_ids"].shape[0]
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
     first = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert_pruned(cache, inputs, visual_ids(model), kept_counts=[12] if which == "single" else [12, 4])
     seen = cache.get_seq_length()
@@ -72,7 +75,7 @@ def test_second_turn_on_pruned_cache_matches_oracle(model, processor, single_inp
 
 
 def test_manual_decode_loop_without_position_ids(model, single_inputs):
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
     with torch.no_grad():
         out = model(**single_inputs, past_key_values=cache, use_cache=True)
         got = [out.logits[:, -1].float()]
@@ -95,7 +98,7 @@ def test_manual_decode_loop_without_position_ids(model, single_inputs):
 
 
 def test_sampling_with_seed_matches_oracle(model, batch_inputs):
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
     torch.manual_seed(123)
     out = model.generate(
         **batch_inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW,
@@ -110,7 +113,7 @@ def test_sampling_with_seed_matches_oracle(model, batch_inputs):
     # same seed, same cache config: same tokens
     torch.manual_seed(123)
     again = model.generate(
-        **batch_inputs, past_key_values=PrunableDynamicCache(model, keep_ratio=0.25), max_new_tokens=NEW,
+        **batch_inputs, past_key_values=PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER), max_new_tokens=NEW,
         min_new_tokens=NEW, do_sample=True, top_k=0, temperature=1.0,
     )
     assert torch.equal(again, out.sequences)
@@ -118,7 +121,7 @@ def test_sampling_with_seed_matches_oracle(model, batch_inputs):
 
 def test_beam_search_scores_match_teacher_forced_oracle(model, batch_inputs):
     beams, returned = 3, 2
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
     out = model.generate(
         **batch_inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, num_beams=beams,
         num_return_sequences=returned, length_penalty=0.0, do_sample=False, early_stopping=True,
@@ -150,13 +153,13 @@ def test_beam_search_scores_match_teacher_forced_oracle(model, batch_inputs):
 
 
 def test_assisted_decoding_batch1_matches_oracle(model, single_inputs):
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
     out = model.generate(
         **single_inputs, past_key_values=cache, max_new_tokens=10, min_new_tokens=10, prompt_lookup_num_tokens=3,
         **GREEDY,
     )
     greedy = model.generate(
-        **single_inputs, past_key_values=PrunableDynamicCache(model, keep_ratio=0.25), max_new_tokens=10,
+        **single_inputs, past_key_values=PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER), max_new_tokens=10,
         min_new_tokens=10, **GREEDY,
     )
     assert_pruned(cache, single_inputs, visual_ids(model), kept_counts=[12])
@@ -176,7 +179,7 @@ def test_assisted_decoding_batch1_matches_oracle(model, single_inputs):
 def test_several_images_in_a_row_budget_per_image(model, processor):
     images = [testing.synthetic_image(224, 168, seed=1), testing.synthetic_image(112, 112, seed=2)]
     inputs = testing.make_inputs(processor, ["compare the two pictures.", "what is shown?"], [images, images[1:]])
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert_pruned(cache, inputs, visual_ids(model), kept_counts=[16, 4])
     ids = inputs["input_ids"]
@@ -194,7 +197,7 @@ def test_several_images_in_a_row_budget_per_image(model, processor):
 def test_video_matches_oracle(model, processor):
     frames = [testing.synthetic_image(112, 112, seed=s) for s in range(4)]
     inputs = testing.make_video_inputs(processor, "what is shown in the video?", frames)
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     n_video = int((inputs["input_ids"] == model.config.video_token_id).sum())
     assert n_video == 32
@@ -232,7 +235,7 @@ def test_half_precision_matches_float32_on_long_sequences(dtype):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 1024
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     inputs_f32 = dict(inputs, pixel_values=inputs["pixel_values"].float())
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, **GREEDY)
     assert_pruned(cache, inputs, visual_ids(model), kept_counts=[256])
     scores = cache.visual_scores[0]
@@ -253,7 +256,7 @@ def test_half_precision_matches_float32_on_long_sequences(dtype):
         assert torch.equal(got.argmax(-1), want.argmax(-1)), f"{dtype}, step {step}: top-1 differs"
 
     # 2. scoring and selection: close to the float32 run's
-    cache_f32 = PrunableDynamicCache(reference, keep_ratio=0.25)
+    cache_f32 = PrunableDynamicCache(reference, keep_ratio=0.25, scoring_layer=LAYER)
     reference.generate(**inputs_f32, past_key_values=cache_f32, max_new_tokens=1, **GREEDY)
     assert_pruned(cache_f32, inputs_f32, visual_ids(model), kept_counts=[256])
     scores_f32 = cache_f32.visual_scores[0]
@@ -270,7 +273,7 @@ def test_new_image_in_a_later_turn_is_scored_in_that_turn(model, processor, sing
     question), turn 1's kept set is left as it was; decoding matches the masked oracle (manual calls with
     explicit positions: transformers' generate cannot position a new image on a continued cache)."""
     image_id = model.config.image_token_id
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
     first = model.generate(**single_inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert_pruned(cache, single_inputs, visual_ids(model), kept_counts=[12])
     dropped_turn1 = cache.get_seq_length() - cache.get_physical_length()

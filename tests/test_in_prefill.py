@@ -168,7 +168,7 @@ def test_density_peak_clusters_recover_separated_blobs():
 @pytest.mark.parametrize("which", ["single", "batch"])
 def test_recycling_matches_hand_built_reference(model, single_inputs, batch_inputs, which):
     inputs = single_inputs if which == "single" else batch_inputs
-    cache = PrunableDynamicCache(model, keep_ratio=0.25, mode="in-prefill", recycle=True)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, mode="in-prefill", recycle=True, scoring_layer=2)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     groups = cache.recycled_groups
     assert len(groups) == inputs["input_ids"].shape[0] and all(groups), "no recycled token in some row"
@@ -195,7 +195,7 @@ def test_recycling_matches_hand_built_reference(model, single_inputs, batch_inpu
     )
     for step, (a, e) in enumerate(zip(out.logits, expected)):
         assert (a - e).abs().max() <= 1e-5, f"step {step}"
-    plain = PrunableDynamicCache(model, keep_ratio=0.25, mode="in-prefill")
+    plain = PrunableDynamicCache(model, keep_ratio=0.25, mode="in-prefill", scoring_layer=2)
     without = model.generate(**inputs, past_key_values=plain, max_new_tokens=1, **GREEDY)
     assert (without.logits[0] - out.logits[0]).abs().max() > 1e-4  # recycling changes the answer distribution
 
@@ -207,7 +207,7 @@ def test_recycling_needs_in_prefill_mode(sdpa_model):
 
 def test_in_prefill_beam_search_scores_match_reference(sdpa_model, single_inputs):
     beams = 3
-    cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.25, mode="in-prefill")
+    cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.25, mode="in-prefill", scoring_layer=2)
     out = sdpa_model.generate(
         **single_inputs, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, num_beams=beams,
         num_return_sequences=beams, length_penalty=0.0, do_sample=False, return_dict_in_generate=True,

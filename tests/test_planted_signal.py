@@ -24,7 +24,7 @@ import torch
 from oracles import assert_pruned
 from PIL import Image
 
-from sparse_cache import PrunableDynamicCache, testing
+from sparse_cache import SCORERS, PrunableDynamicCache, testing
 
 CELL = 28  # pixels per merged token side: 2 x 2 patches of 14 px
 TARGETS = ([1, 6, 11, 12, 14], [0, 9, 20, 33, 47])  # row 0: 4 x 4 cells; row 1: 6 x 8 cells
@@ -105,7 +105,8 @@ def target_positions(inputs, model):
 
 
 def run(model, inputs, scorer):
-    cache = PrunableDynamicCache(model, keep_tokens=len(TARGETS[0]), scorer=scorer)
+    layer = None if SCORERS[scorer].default_layer is None else 2  # the weights plant the signal at layer 2
+    cache = PrunableDynamicCache(model, keep_tokens=len(TARGETS[0]), scorer=scorer, scoring_layer=layer)
     model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
     visual = (model.config.image_token_id, model.config.video_token_id)
     assert_pruned(cache, inputs, visual, kept_counts=[len(t) for t in TARGETS])

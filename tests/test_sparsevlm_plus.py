@@ -48,7 +48,7 @@ def test_gravity_correction_equals_direct_all_ones_computation(sdpa_model, singl
 
 
 def test_sparsevlm_plus_scores_equal_eager_reference(model, eager_model, single_inputs):
-    cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer="sparsevlm_plus")
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer="sparsevlm_plus", scoring_layer=2)
     model.generate(**single_inputs, past_key_values=cache, max_new_tokens=1)
     assert_pruned(cache, single_inputs, visual_ids(model), kept_counts=[12])
     ids = single_inputs["input_ids"][0]
@@ -70,7 +70,7 @@ def test_sparsevlm_plus_scores_equal_eager_reference(model, eager_model, single_
 
 
 def test_sparsevlm_plus_decoding_matches_masked_oracle(model, batch_inputs):
-    cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer="sparsevlm_plus")
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer="sparsevlm_plus", scoring_layer=2)
     out = model.generate(**batch_inputs, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, **GREEDY)
     assert_pruned(cache, batch_inputs, visual_ids(model), kept_counts=[12, 4])
     prompt_len = batch_inputs["input_ids"].shape[1]

@@ -321,15 +321,15 @@ def test_self_check_raises_when_no_hook_sees_the_call(sdpa_model, single_inputs,
 def test_self_check_raises_when_the_scoring_hook_does_not_fire(single_inputs):
     model = testing.tiny_qwen2_5_vl_model(seed=8)
     cache = PrunableDynamicCache(model, keep_ratio=0.25)
-    model.model.language_model.layers[2].self_attn._forward_hooks.clear()
-    with pytest.raises(RuntimeError, match="scoring layer 2's attention hook did not run"):
+    model.model.language_model.layers[cache.scoring_layer].self_attn._forward_hooks.clear()
+    with pytest.raises(RuntimeError, match=f"scoring layer {cache.scoring_layer}'s attention hook did not run"):
         model.generate(**single_inputs, past_key_values=cache, max_new_tokens=2, **GREEDY)
 
 
 def test_self_check_raises_when_the_in_prefill_cut_does_not_happen(single_inputs):
     model = testing.tiny_qwen2_5_vl_model(seed=8)
     cache = PrunableDynamicCache(model, keep_ratio=0.25, mode="in-prefill")
-    model.model.language_model.layers[2]._forward_hooks.clear()
+    model.model.language_model.layers[cache.scoring_layer]._forward_hooks.clear()
     with pytest.raises(RuntimeError, match="did not cut its output"):
         model.generate(**single_inputs, past_key_values=cache, max_new_tokens=2, **GREEDY)
 

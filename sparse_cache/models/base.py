@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._compat import forward_arg_names
+from ..select import scaled_layer
 
 #: Attention implementations whose masks and positions are tested with the pruned cache.
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -141,11 +142,8 @@ class VLMAdapter:
 
     def default_scoring_layer(self, reference_layer: int | None) -> int | None:
         """A scorer's layer for a 32-layer model (the published setting), scaled to this model's depth."""
-        if reference_layer is None:
-            return None
-        return min(self.num_layers - 1, int(reference_layer * self.num_layers / 32 + 0.5))
+        return scaled_layer(reference_layer, self.num_layers)
 
-    # ------------------------------------------------------------------ scoring
     def rope_tables(self, attn_module, cos: torch.Tensor, sin: torch.Tensor):
         """``(B, S, head_dim)`` RoPE tables from the ``position_embeddings`` an attention module received."""
         return cos, sin
