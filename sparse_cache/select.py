@@ -94,7 +94,7 @@ def select_visual(
 
 
 #: SparseVLM's progressive schedule for a 32-layer LLaVA-1.5-7B: pruning layers and visual tokens kept
-#: (of 576) after each, for an "equivalent" 192 tokens (the authors' v1 budgets, methods.md section 4).
+#: (of 576) after each, for an "equivalent" 192 tokens (the authors' v1 budgets, ../docs/methods.md section 4).
 SPARSEVLM_LAYERS_OF_32 = (2, 6, 15)
 SPARSEVLM_PROFILE = (300 / 576, 200 / 576, 110 / 576)
 

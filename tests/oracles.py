@@ -1,4 +1,4 @@
-"""Reference computations the tests compare the pruned cache against (see docs/oracles.md).
+"""Reference computations the tests compare the pruned cache against (see ../docs/oracles.md).
 
 They use only the model's own public forward with a plain ``DynamicCache``, never the library.
 """

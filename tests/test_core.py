@@ -1,4 +1,4 @@
-"""Core behaviour of PrunableDynamicCache against the oracles of docs/oracles.md."""
+"""Core behaviour of PrunableDynamicCache against the oracles of ../docs/oracles.md."""
 
 import gc
 import math

@@ -1,4 +1,4 @@
-"""Every way people generate, each against an oracle of docs/oracles.md (per-step logits)."""
+"""Every way people generate, each against an oracle of ../docs/oracles.md (per-step logits)."""
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """CDPruner: conditional diversity of the visual tokens, by greedy MAP inference of a DPP.
 
 Based on "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs"
-(Zhang et al., 2025, CDPruner), restated in ``docs/methods.md``; greedy MAP with the incremental
+(Zhang et al., 2025, CDPruner), restated in ``../../docs/methods.md``; greedy MAP with the incremental
 Cholesky update of "Fast Greedy MAP Inference for Determinantal Point Process to Improve
 Recommendation Diversity" (Chen et al., NeurIPS 2018).
 

@@ -1,7 +1,7 @@
 """Cosine (VisSparse-style): similarity of each visual token to the question, from the embeddings.
 
 Based on the cosine-similarity token scoring of the VisSparse toolkit (NEO, "VisSparse Token Pruning
-Toolkit for Vision-Language Models", https://heyneo.com/blog/vissparse), restated in ``docs/methods.md``:
+Toolkit for Vision-Language Models", https://heyneo.com/blog/vissparse), restated in ``../../docs/methods.md``:
 the score of a visual token is the cosine similarity between its decoder input embedding and the mean
 input embedding of the question tokens (``context.text_positions``: the text after the row's last
 visual token). Needs no attention, so it runs before the decoder; a row with no text after its visual

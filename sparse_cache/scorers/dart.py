@@ -1,7 +1,7 @@
 """DART: keep the visual tokens that duplicate a few pivot tokens the least.
 
 Based on "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More"
-(Wen et al., 2025, DART), restated in ``docs/methods.md``. At decoder layer ``K`` (2 by default):
+(Wen et al., 2025, DART), restated in ``../../docs/methods.md``. At decoder layer ``K`` (2 by default):
 
 1. pivots: per image (or video), the ``num_visual_pivots`` visual tokens with the largest L1 norm of
    their keys at layer ``K`` (all heads), plus the row's ``num_text_pivots`` text tokens (after the last

@@ -1,7 +1,7 @@
 """DivPrune: keep a maximally diverse subset of each image's visual tokens (max-min diversity).
 
 Based on "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models" (Alvar et al.,
-CVPR 2025), restated in ``docs/methods.md``: on the decoder input embeddings of one image's visual
+CVPR 2025), restated in ``../../docs/methods.md``: on the decoder input embeddings of one image's visual
 tokens, with distance ``1 - cos``, start with the token whose nearest neighbour is farthest, then
 repeatedly add the token whose minimum distance to the chosen set is largest. Attention-free and
 text-agnostic.

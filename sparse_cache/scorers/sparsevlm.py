@@ -1,7 +1,7 @@
 """SparseVLM: text raters' attention to the visual tokens at a shallow decoder layer.
 
 Based on "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference"
-(Zhang et al., ICML 2025), sections 3.1-3.2, restated in ``docs/methods.md``.
+(Zhang et al., ICML 2025), sections 3.1-3.2, restated in ``../../docs/methods.md``.
 
 1. Raters: of the text tokens after the last visual token, those whose relevance
    ``mean_over_visual(softmax(E_V E_T^T, axis=text))`` is strictly above the mean relevance. When

@@ -1,7 +1,7 @@
 """SparseVLM+: rater attention with the position-only bias divided out, from the most attentive heads.
 
 Based on "SparseVLM+: Visual Token Sparsification with Improved Text-Visual Attention Pattern" (the
-SparseVLM authors, Dec 2025), restated in ``docs/methods.md`` section 6:
+SparseVLM authors, Dec 2025), restated in ``../../docs/methods.md`` section 6:
 
 (a) gravity correction: RoPE alone makes a query favour some key positions (nearby ones, for
     M-RoPE models the image rows closest to the text). The attention that all-ones queries and keys would

@@ -2,7 +2,7 @@
 
 Based on the spatial-uniformity analysis of "Token Pruning in Multimodal Large Language Models: Are We
 Solving the Right Problem?" (Wen et al., 2025; random and spatially uniform selection rival many scoring
-methods), as the "spatial stride over the image grid" baseline of ``docs/methods.md``: keep an evenly
+methods), as the "spatial stride over the image grid" baseline of ``../../docs/methods.md``: keep an evenly
 spread subset of each image's visual tokens, whatever the question.
 
 One score vector has to serve every budget (the scorer does not see ``k``), so the kept sets for

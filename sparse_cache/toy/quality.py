@@ -19,7 +19,7 @@ the pruned cache kept (the ``k``-th image token is cell ``k``, row-major), under
 ``oracle`` is not a method: it keeps the cells of the colour that is asked (of the second turn in
 (b)) and fills the budget at random; it is the upper bound of what a budget allows. ``unpruned`` is
 the model with a plain ``DynamicCache``; every scorer's ``keep_ratio=1.0`` equals it (oracle 1 of
-``docs/oracles.md``), so that column is reported once.
+``../../docs/oracles.md``), so that column is reported once.
 
 Writes ``quality.md`` (tables), ``quality.json`` (every number and the settings) and ``quality.png``.
 """
