@@ -45,7 +45,7 @@ from transformers import DynamicCache
 from .._compat import CACHE_KWARG
 from ..cache import PrunableDynamicCache
 from ..scorers import SCORERS, Scorer, ScoringContext
-from ..select import budget
+from ..select import budget, scaled_layer
 from .model import build_inputs, followup_text, load_toy_vlm
 from .task import ANSWERS, make_followup, make_sample
 
@@ -136,8 +136,12 @@ def _make_cache(model, scorer: str, keep_ratio: float, cells, mode: str | None =
     return PrunableDynamicCache(model, keep_ratio=keep_ratio, scorer=instance, **kwargs)
 
 
-def _default_layer(name: str) -> int | None:
-    return SCORERS[name].default_layer if name in SCORERS else None
+#: depth of the shipped toy VLM (the scorers' published layers are scaled to it, as the cache does)
+TOY_LAYERS = 4
+
+
+def _default_layer(name: str, num_layers: int = TOY_LAYERS) -> int | None:
+    return scaled_layer(SCORERS[name].default_layer, num_layers) if name in SCORERS else None
 
 
 def _pruning_layer(scorer: str) -> int:
@@ -293,12 +297,14 @@ DEFAULT_SCORER = "sparsevlm"
 
 
 def default_scorers() -> list[str]:
-    """Every registered scorer (text-agnostic baselines included), the default scorer at each layer
-    before its default scoring layer (``sparsevlm@0``, ``sparsevlm@1``: on a 4-layer model, layer 2 is
-    half-way up, not "shallow"), then the oracle."""
+    """Every registered scorer (text-agnostic baselines included), the default scorer at the other layers up
+    to its published (unscaled) one (``sparsevlm@1``, ``sparsevlm@2``: on the 4-layer toy the depth-scaled
+    default is layer 0, the published layer 2 is half-way up), then the oracle."""
     names = list(SCORERS)
-    if DEFAULT_SCORER in SCORERS and SCORERS[DEFAULT_SCORER].default_layer:
-        names += [f"{DEFAULT_SCORER}@{layer}" for layer in range(SCORERS[DEFAULT_SCORER].default_layer)]
+    reference = SCORERS[DEFAULT_SCORER].default_layer if DEFAULT_SCORER in SCORERS else None
+    if reference:
+        default = _default_layer(DEFAULT_SCORER)
+        names += [f"{DEFAULT_SCORER}@{layer}" for layer in range(reference + 1) if layer != default]
     return names + [ORACLE]
 
 
