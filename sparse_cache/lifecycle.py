@@ -108,7 +108,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
         is_visual = torch.isin(input_ids, torch.tensor(adapter.visual_token_ids, device=input_ids.device))
         # visual tokens count where the forward brings their features (a prefill, or a later turn's image); a
         # generated or drafted image-placeholder id in a decode step is just a token
-        brings_visual = any(kwargs.get(name) is not None for name in self.adapter.visual_input_kwargs + ("mm_encoder_outputs",))
+        brings_visual = _brings_visual_inputs(kwargs, self.adapter.visual_feature_kwargs)
         has_visual = brings_visual and bool(is_visual.any())
         mask = get_arg(args, kwargs, names, "attention_mask")
         mask_2d = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
@@ -417,3 +417,14 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
         positions = self._column_positions(p, keep.device).gather(1, index).masked_fill(~new_mask, -1)
         self.cache._gather_layers(index, self.cache.layers)
         self.cache._set_prefix(p.past_logical + p.seq_len, new_mask, positions)
+
+
+def _brings_visual_inputs(kwargs: dict, names: tuple[str, ...]) -> bool:
+    """Whether a forward carries visual features (pixels, or encoder outputs with an entry)."""
+    if any(kwargs.get(name) is not None for name in names):
+        return True
+    encoded = kwargs.get("mm_encoder_outputs")
+    if isinstance(encoded, dict):
+        return any(value is not None for value in encoded.values())
+    return encoded is not None
+

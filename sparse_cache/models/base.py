@@ -39,6 +39,9 @@ class VLMAdapter:
     grid_kwargs: tuple[tuple[str, str], ...] = (("image_token_id", "image_grid_thw"), ("video_token_id", "video_grid_thw"))
     #: forward keywords that only the prompt's own forward needs (dropped from a later split-off forward)
     visual_input_kwargs: tuple[str, ...] = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+    #: forward keywords carrying visual features: a forward with visual token ids brings images only with one of
+    #: these (or encoder outputs); a generated placeholder id in a decode step is a plain token
+    visual_feature_kwargs: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
 
     def __init__(self, model: torch.nn.Module):
         name = type(model).__name__
