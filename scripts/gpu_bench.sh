@@ -10,7 +10,8 @@
 # env.txt (nvidia-smi and versions) and results.tar.gz (per case: JSON, CSV, time and memory PNGs).
 #
 # Environment overrides (the test-suite runs this script on CPU with PRESET=tiny DEVICE=cpu ...):
-#   PRESET (qwen2.5-vl-7b) DEVICE (cuda) DTYPE (bfloat16) ATTN (sdpa) CASES (16320:1,576:1,576:16)
+#   PRESET (qwen2.5-vl-7b; also qwen2-vl-7b, qwen3-vl-4b, qwen3-vl-8b: with Qwen3-VL's 32 px per merged token the
+#   same visual-token counts are bigger images) DEVICE (cuda) DTYPE (bfloat16) ATTN (sdpa) CASES (16320:1,576:1,576:16)
 #   NEW_TOKENS (256) REPEATS (3) WARMUP (1) KEEP_RATIOS (1.0,0.5,0.25,0.1) PYTHON (python3)
 #   OUT (results folder; the device tool sets it; default bench_results/gpu) EXTRA_ARGS (more CLI flags)
 #   TIME_LIMIT (570: seconds before the benchmark is stopped and what is finished is archived)

@@ -189,8 +189,8 @@ class BenchSettings:
             )
         if self.visual_tokens is not None and (not isinstance(self.visual_tokens, int) or self.visual_tokens < 4):
             raise ValueError(
-                f"visual_tokens: {self.visual_tokens!r} is not valid; give an int >= 4 (a Qwen2.5-VL image "
-                "has at least 2x2 merged tokens)"
+                f"visual_tokens: {self.visual_tokens!r} is not valid; give an int >= 4 (an image has at least "
+                "2x2 merged tokens)"
             )
         if self.image_size is not None:
             width, height = self.image_size
@@ -272,10 +272,11 @@ def visual_grid_for_tokens(visual_tokens: int, max_aspect: float = 2.0) -> tuple
 
 
 def image_size_for_visual_tokens(visual_tokens: int, patch_size: int = 14, merge_size: int = 2) -> tuple[int, int]:
-    """``(width, height)`` in pixels of an image that Qwen2.5-VL turns into about ``visual_tokens`` tokens.
+    """``(width, height)`` in pixels of an image that a Qwen-VL model turns into about ``visual_tokens`` tokens.
 
-    One merged token covers ``(patch_size * merge_size)`` pixels square (28 for Qwen2.5-VL), so the image
-    is exactly the grid of :func:`visual_grid_for_tokens` times 28 (landscape when not square).
+    One merged token covers ``(patch_size * merge_size)`` pixels square (28 for Qwen2/2.5-VL, 32 for
+    Qwen3-VL), so the image is exactly the grid of :func:`visual_grid_for_tokens` times that (landscape when
+    not square).
     """
     rows, cols = visual_grid_for_tokens(visual_tokens)
     factor = patch_size * merge_size
@@ -319,6 +320,37 @@ def parse_keep_ratios(text: str) -> tuple[float, ...]:
 # --------------------------------------------------------------------------- model, processor, inputs
 
 
+def model_config(model: str):
+    """The config of a preset name, a local path or a hub id, checked to be of a supported family (``ValueError``
+    otherwise, one line naming the supported families); nothing but ``config.json`` is read."""
+    if model in presets.PRESETS:
+        return presets.preset_config(model)
+    if not (os.path.isdir(model) or "/" in model):
+        raise ValueError(
+            f"model: {model!r} is neither a preset ({', '.join(sorted(presets.PRESETS))}) nor an existing local "
+            "directory; hub ids look like 'Qwen/Qwen2.5-VL-7B-Instruct'"
+        )
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError, KeyError) as err:
+        message = " ".join(str(err).split())
+        raise ValueError(f"model: cannot load a model config from {model!r}: {message[:300]}") from err
+    if presets.model_class_for_config(config) is None:
+        raise ValueError(
+            f"model: {model!r} is a {getattr(config, 'model_type', None)!r} model ({type(config).__name__}); "
+            f"sparse_cache supports {presets.supported_families_text()}"
+        )
+    return config
+
+
+def patch_and_merge(config) -> tuple[int, int]:
+    """``(patch_size, spatial_merge_size)`` of a VLM config's vision tower (14, 2 for Qwen2/2.5-VL; 16, 2 for Qwen3-VL)."""
+    vision = config.vision_config
+    return int(getattr(vision, "patch_size", 14)), int(getattr(vision, "spatial_merge_size", 2))
+
+
 def load_model(
     model: str,
     device: str = "cpu",
@@ -330,23 +362,22 @@ def load_model(
 ):
     """``(model, processor, description)`` for a preset name, a local path or a hub id.
 
-    Presets get random weights and the offline processor; others are loaded with ``from_pretrained``
-    (``AutoModelForImageTextToText`` / ``AutoProcessor``, which needs the hub or a local copy).
-    ``min_pixels``/``max_pixels`` are handed to the image processor so the benchmark image is not resized.
+    Presets get random weights and the offline processor of their family; others are loaded with
+    ``from_pretrained`` (the family's ``...ForConditionalGeneration`` class / ``AutoProcessor``, which needs the
+    hub or a local copy) after :func:`model_config` checked the family. ``min_pixels``/``max_pixels`` are handed
+    to the image processor so the benchmark image is not resized.
     """
+    config = model_config(model)
     if model in presets.PRESETS:
         built = presets.build_preset_model(model, device, dtype, attn_implementation, seed=seed)
-        processor = presets.preset_processor(min_pixels, max_pixels)
+        processor = presets.preset_processor(min_pixels, max_pixels, name=model)
         return built, processor, f"preset {model} (random weights): {presets.PRESETS[model].description}"
-    if not (os.path.isdir(model) or "/" in model):
-        raise ValueError(
-            f"model: {model!r} is neither a preset ({', '.join(sorted(presets.PRESETS))}) nor an existing local "
-            "directory; hub ids look like 'Qwen/Qwen2.5-VL-7B-Instruct'"
-        )
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import transformers
+    from transformers import AutoProcessor
 
-    logger.info("loading %s (%s, %s, %s)", model, device, dtype, attn_implementation)
-    loaded = AutoModelForImageTextToText.from_pretrained(
+    model_class = getattr(transformers, presets.model_class_for_config(config))
+    logger.info("loading %s as %s (%s, %s, %s)", model, model_class.__name__, device, dtype, attn_implementation)
+    loaded = model_class.from_pretrained(
         model, dtype=dtype, attn_implementation=attn_implementation, device_map=device
     ).eval()
     pixel_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
@@ -1324,7 +1355,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", default="small",
         help=f"a preset ({', '.join(sorted(presets.PRESETS))}: real architecture, random weights, no download) or "
-             "a hub id / local path of a Qwen2.5-VL checkpoint (from_pretrained)",
+             f"a hub id / local path of a checkpoint of a supported family: {presets.supported_families_text()} "
+             "(from_pretrained)",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--visual-tokens", type=int, default=argparse.SUPPRESS,
@@ -1400,10 +1432,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     first = all_settings[0]
     dtype = first.resolved_dtype()
+    try:
+        patch, merge = patch_and_merge(model_config(first.model))  # refuses a model of no supported family
+    except ValueError as err:  # one line, without the usage block: the message lists what is supported
+        sys.stderr.write(f"{parser.prog}: error: {err}\n")
+        raise SystemExit(2) from None
     # One processor for every case: pixel bounds that keep each benchmark image at its own size.
-    sizes = [s.image_size or image_size_for_visual_tokens(s.visual_tokens) for s in all_settings]
-    areas = [_rounded_area(w, h, 28) for w, h in sizes]
-    min_pixels = min(min(areas), testing.TINY_MIN_PIXELS)
+    factor = patch * merge
+    sizes = [s.image_size or image_size_for_visual_tokens(s.visual_tokens, patch, merge) for s in all_settings]
+    areas = [_rounded_area(w, h, factor) for w, h in sizes]
+    min_pixels = min(min(areas), testing.TINY_MIN_PIXELS * factor**2 // 28**2)
     max_pixels = max(areas)
     try:
         model, processor, description = load_model(

@@ -4,11 +4,11 @@
 
     sparse-cache generate                                   # toy VLM on one of its own task images
     sparse-cache generate --image photo.jpg --prompt "What is on the table?" --keep-ratio 0.25 \\
-        --model Qwen/Qwen2.5-VL-3B-Instruct --overlay kept.png --compare
+        --model Qwen/Qwen3-VL-4B-Instruct --overlay kept.png --compare
 
 Prints the answer, how many visual tokens were kept, and the prefill and decode times; ``--compare``
 also runs the unpruned model in the same process and reports the speed-ups. Errors a user can act on
-(a missing or unreadable image, a model that is not a Qwen2.5-VL, ...) are one line on stderr and a
+(a missing or unreadable image, a model of no supported family, ...) are one line on stderr and a
 non-zero exit status; ``--debug`` shows tracebacks and the library's debug log.
 
 Timing: ``prefill`` is the wall time of the model's first forward inside ``generate`` (vision tower,
@@ -50,7 +50,6 @@ PROG = "sparse-cache"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_KEEP_RATIO = 0.25
 DEFAULT_PROMPT = "Describe this image."
-SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
 EXAMPLE_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: --compare: timed pairs (unpruned, pruned) by default, untimed warm-up runs of each, new tokens per timed run
@@ -129,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .cache import MODES
     from .scorers import SCORERS
 
-    parser = _Parser(prog=PROG, description="Training-free visual token pruning for Qwen2.5-VL.")
+    from .presets import supported_families_text
+
+    families = supported_families_text()
+    parser = _Parser(
+        prog=PROG, description=f"Training-free visual token pruning for vision-language models: {families}."
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     gen = commands.add_parser(
@@ -157,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--model", metavar="ID_OR_PATH",
-        help=f"Qwen2.5-VL Hub id or local directory, e.g. {EXAMPLE_MODEL} (default: the bundled toy VLM, offline)",
+        help=f"Hub id or local directory of a model of a supported family ({families}), e.g. {EXAMPLE_MODEL} "
+        "(default: the bundled toy VLM, offline)",
     )
     gen.add_argument("--scorer", default="sparsevlm", choices=sorted(SCORERS), help="token scorer (default sparsevlm)")
     gen.add_argument(
@@ -285,7 +290,9 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_model(name: str | None, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
-    """The toy VLM (``name=None``) or a Qwen2.5-VL from the Hub or a local directory; :class:`CLIError` if not."""
+    """The toy VLM (``name=None``) or a model of a supported family (:func:`sparse_cache.models.families`) from the
+    Hub or a local directory, loaded with its family's ``...ForConditionalGeneration`` class; :class:`CLIError`
+    (one line listing the supported families and classes) for anything else."""
     if name is None:
         try:
             from .toy import TOY_VLM_PATH, load_toy_vlm
@@ -300,7 +307,10 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype, attn:
             raise CLIError(f"cannot load the toy model from {TOY_VLM_PATH}: {_one_line(exc)}") from exc
         return LoadedModel(model.to(device).eval(), processor, "toy VLM (sparse_cache.toy)", True)
 
-    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    from .presets import model_class_for_config, supported_families_text
 
     expanded = os.path.expanduser(name)
     if not name.strip():
@@ -319,14 +329,16 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype, attn:
         config = AutoConfig.from_pretrained(expanded)
     except (OSError, ValueError, KeyError) as exc:
         raise CLIError(f"--model: cannot load a model config from {name}: {_one_line(exc)}") from exc
-    model_type = getattr(config, "model_type", None)
-    if model_type != SUPPORTED_MODEL_TYPE:
+    class_name = model_class_for_config(config)
+    if class_name is None:
         raise CLIError(
-            f"--model: {name} is a {model_type!r} model ({type(config).__name__}); sparse-cache supports "
-            f"Qwen2.5-VL checkpoints (model_type {SUPPORTED_MODEL_TYPE!r}), e.g. {EXAMPLE_MODEL}"
+            f"--model: {name} is a {getattr(config, 'model_type', None)!r} model ({type(config).__name__}); "
+            f"sparse-cache supports {supported_families_text()}; e.g. {EXAMPLE_MODEL}"
         )
+    logger.debug("loading %s as %s", name, class_name)
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(expanded, dtype=dtype, attn_implementation=attn)
+        model_class = getattr(transformers, class_name)
+        model = model_class.from_pretrained(expanded, dtype=dtype, attn_implementation=attn)
         processor = AutoProcessor.from_pretrained(expanded)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise CLIError(f"--model: cannot load {name}: {_one_line(exc)}") from exc
@@ -703,9 +715,9 @@ def run_generate(args: argparse.Namespace) -> dict:
         result["notes"] = timing_notes(
             ratios, mode=args.mode, visual_tokens=total_visual, control=control, repeats=repeats
         )
-    merge = int(config.vision_config.spatial_merge_size)
+    patch, merge = patch_and_merge(config, processor)
     grid_args = (inputs["input_ids"].cpu(), inputs["image_grid_thw"].cpu(), config.image_token_id)
-    canvas = _drawing_canvas(image, inputs["image_grid_thw"][0], processor)
+    canvas = _drawing_canvas(image, inputs["image_grid_thw"][0], patch)
     for path, key in ((args.overlay, "overlay"), (args.heatmap, "heatmap")):
         if path is None:
             continue
@@ -728,11 +740,25 @@ def _interleave(first: list, second: list) -> list:
     return [x for pair in zip(first, second) for x in pair]
 
 
-def _drawing_canvas(image, grid_thw: torch.Tensor, processor):
-    """The image to draw on: the original, or the processor's (upscaled) size when the original is smaller."""
+def patch_and_merge(config, processor=None) -> tuple[int, int]:
+    """``(patch_size, spatial_merge_size)`` in which ``image_grid_thw`` counts: the model's vision config (14 and 2
+    for Qwen2/2.5-VL, 16 and 2 for Qwen3-VL), else its image processor's."""
+    vision = getattr(config, "vision_config", None)
+    image_processor = getattr(processor, "image_processor", None)
+    values = []
+    for config_key, processor_key in (("patch_size", "patch_size"), ("spatial_merge_size", "merge_size")):
+        value = getattr(vision, config_key, None) or getattr(image_processor, processor_key, None)
+        if value is None:
+            raise CLIError(f"cannot tell the model's vision {config_key} from its config or its processor")
+        values.append(int(value))
+    return values[0], values[1]
+
+
+def _drawing_canvas(image, grid_thw: torch.Tensor, patch: int):
+    """The image to draw on: the original, or the processor's (upscaled) size when the original is smaller
+    (``grid_thw`` counts patches of ``patch`` pixels)."""
     from PIL import Image
 
-    patch = int(getattr(getattr(processor, "image_processor", None), "patch_size", 14))
     size = (int(grid_thw[2]) * patch, int(grid_thw[1]) * patch)  # (width, height) the model saw
     if image.width >= size[0] and image.height >= size[1]:
         return image

@@ -1,17 +1,23 @@
-"""Named Qwen2.5-VL architectures with random weights, for benchmarks that must not download anything.
+"""Named VLM architectures with random weights, for benchmarks that must not download anything.
 
 Speed and memory depend on the shapes, not on the weight values, so a preset builds the real
-architecture (the published config numbers for ``qwen2.5-vl-3b`` and ``qwen2.5-vl-7b``) with random
-weights and the offline tiny tokenizer/processor of :mod:`sparse_cache.testing`. Generated text is
-meaningless; timings and memory are those of the real shapes.
+architecture (the published config numbers of the checkpoint it is named after) with random weights and
+the offline tiny tokenizer/processor of :mod:`sparse_cache.testing` (patch 16 for Qwen3-VL, 14 otherwise).
+Generated text is meaningless; timings and memory are those of the real shapes.
 
-=================  ====================================================================================
-``tiny``           the test-suite model (:func:`sparse_cache.testing.tiny_qwen2_5_vl_model`): seconds.
-``small``          hidden 512, 8 layers, 8 heads, 2 KV heads, a 2-block vision tower: CPU timings of
-                   1K-4K visual tokens in a few minutes.
-``qwen2.5-vl-3b``  Qwen/Qwen2.5-VL-3B-Instruct shapes (3.75B parameters, tied embeddings).
-``qwen2.5-vl-7b``  Qwen/Qwen2.5-VL-7B-Instruct shapes (8.29B parameters).
-=================  ====================================================================================
+======================  ===============================================================================
+``tiny``                the test-suite Qwen2.5-VL (:func:`sparse_cache.testing.tiny_qwen2_5_vl_model`).
+``tiny-qwen2-vl``,      the test-suite model of each other family (:func:`sparse_cache.testing.tiny_vlm_model`):
+``tiny-qwen3-vl``,      seconds on CPU.
+``tiny-qwen3-vl-moe``
+``small``               hidden 512, 8 layers, 8 heads, 2 KV heads, a 2-block vision tower: CPU timings of
+                        1K-4K visual tokens in a few minutes.
+``qwen2-vl-7b``         Qwen/Qwen2-VL-7B-Instruct shapes (8.29B parameters).
+``qwen2.5-vl-3b``       Qwen/Qwen2.5-VL-3B-Instruct shapes (3.75B parameters, tied embeddings).
+``qwen2.5-vl-7b``       Qwen/Qwen2.5-VL-7B-Instruct shapes (8.29B parameters).
+``qwen3-vl-4b``         Qwen/Qwen3-VL-4B-Instruct shapes (4.44B parameters, tied embeddings, DeepStack).
+``qwen3-vl-8b``         Qwen/Qwen3-VL-8B-Instruct shapes (8.77B parameters, DeepStack).
+======================  ===============================================================================
 
 Large presets are built on the ``meta`` device (no memory, no initialisation), then every parameter is
 allocated once, directly on the target device and in the target dtype, and drawn there from a seeded
@@ -26,13 +32,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+import transformers
+from transformers import GenerationConfig
 
 from . import testing
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Preset", "PRESETS", "preset_config", "build_preset_model", "preset_processor"]
+__all__ = [
+    "Preset",
+    "PRESETS",
+    "preset_config",
+    "build_preset_model",
+    "preset_processor",
+    "model_class_for_config",
+    "supported_families_text",
+]
 
 # Vision tower shared by the 3B and 7B checkpoints (their config.json "vision_config").
 _QWEN2_5_VL_VISION = dict(
@@ -45,14 +60,53 @@ _QWEN2_5_VL_VISION = dict(
 )
 _QWEN2_5_VL_TEXT = dict(max_position_embeddings=128000, rms_norm_eps=1e-6, mrope_section=[16, 24, 24])
 
+# Qwen/Qwen2-VL-7B-Instruct config.json: the text model is Qwen2.5-VL-7B's (hidden 3584, 28 layers, 28 heads,
+# 4 KV heads, intermediate 18944, vocab 152064, untied) with max_position_embeddings 32768; the vision tower is
+# "embed_dim" 1280, depth 32, 16 heads, mlp_ratio 4, patch 14, merged to "hidden_size" 3584 (also the defaults
+# of transformers' Qwen2VLVisionConfig).
+_QWEN2_VL_7B = dict(
+    hidden_size=3584,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    intermediate_size=18944,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    mrope_section=[16, 24, 24],
+    tie_word_embeddings=False,
+    vision_depth=32,
+    vision_embed_dim=1280,
+    vision_num_heads=16,
+    vision_mlp_ratio=4,
+)
+# Qwen/Qwen3-VL-4B-Instruct and -8B-Instruct config.json: text head_dim 128, 32 heads, 8 KV heads, 36 layers,
+# vocab 151936, rope_theta 5e6, interleaved mrope_section [24, 20, 20], max_position_embeddings 262144; vision
+# patch 16, merge 2, 2304 learned position embeddings, DeepStack features from three vision blocks.
+_QWEN3_VL_TEXT = dict(
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=262144,
+    rms_norm_eps=1e-6,
+    rope_theta=5_000_000.0,
+    mrope_section=[24, 20, 20],
+    vision_num_heads=16,
+    vision_num_position_embeddings=2304,
+)
+
 
 @dataclass(frozen=True)
 class Preset:
-    """A named architecture: ``overrides`` go to :func:`sparse_cache.testing.tiny_qwen2_5_vl_config`."""
+    """A named architecture: ``overrides`` go to :func:`sparse_cache.testing.tiny_vlm_config` of ``family``."""
 
     name: str
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: a family of :data:`sparse_cache.testing.FAMILIES`
+    family: str = "qwen2_5_vl"
     #: std of the random Linear/Embedding weights (the tiny test model uses 0.2 for peaked attention).
     init_std: float = 0.02
     #: parameter count of the published checkpoint, when the preset mirrors one (checked by the tests).
@@ -65,6 +119,16 @@ PRESETS: dict[str, Preset] = {
         "the test-suite model: hidden 64, 4 layers, 4 heads, 2 KV heads, vision depth 2 (seconds on CPU)",
         init_std=0.2,
     ),
+    **{
+        f"tiny-{family.replace('_', '-')}": Preset(
+            f"tiny-{family.replace('_', '-')}",
+            f"the test-suite {family} model (sparse_cache.testing.tiny_vlm_model): hidden 64, 4 layers, 4 heads, "
+            "2 KV heads, vision depth 2 (seconds on CPU)",
+            init_std=0.2,
+            family=family,
+        )
+        for family in ("qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
+    },
     "small": Preset(
         "small",
         "hidden 512, 8 layers, 8 heads, 2 KV heads, intermediate 1536, vocab 32000, vision depth 2 hidden 128 "
@@ -120,6 +184,48 @@ PRESETS: dict[str, Preset] = {
         ),
         published_parameters=8_292_166_656,
     ),
+    "qwen2-vl-7b": Preset(
+        "qwen2-vl-7b",
+        "Qwen2-VL-7B-Instruct shapes: hidden 3584, 28 layers, 28 heads, 4 KV heads, intermediate 18944, "
+        "vocab 152064; vision depth 32, embed 1280, mlp ratio 4, merged to 3584",
+        overrides=_QWEN2_VL_7B,
+        family="qwen2_vl",
+        published_parameters=8_291_375_616,
+    ),
+    "qwen3-vl-4b": Preset(
+        "qwen3-vl-4b",
+        "Qwen3-VL-4B-Instruct shapes: hidden 2560, 36 layers, 32 heads (head_dim 128), 8 KV heads, intermediate "
+        "9728, vocab 151936, tied embeddings; vision depth 24, hidden 1024, patch 16, DeepStack after blocks 5/11/17",
+        overrides=dict(
+            hidden_size=2560,
+            intermediate_size=9728,
+            tie_word_embeddings=True,
+            vision_depth=24,
+            vision_hidden_size=1024,
+            vision_intermediate_size=4096,
+            vision_deepstack_visual_indexes=[5, 11, 17],
+            **_QWEN3_VL_TEXT,
+        ),
+        family="qwen3_vl",
+        published_parameters=4_437_815_808,
+    ),
+    "qwen3-vl-8b": Preset(
+        "qwen3-vl-8b",
+        "Qwen3-VL-8B-Instruct shapes: hidden 4096, 36 layers, 32 heads (head_dim 128), 8 KV heads, intermediate "
+        "12288, vocab 151936; vision depth 27, hidden 1152, patch 16, DeepStack after blocks 8/16/24",
+        overrides=dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            tie_word_embeddings=False,
+            vision_depth=27,
+            vision_hidden_size=1152,
+            vision_intermediate_size=4304,
+            vision_deepstack_visual_indexes=[8, 16, 24],
+            **_QWEN3_VL_TEXT,
+        ),
+        family="qwen3_vl",
+        published_parameters=8_767_123_696,
+    ),
 }
 
 
@@ -130,9 +236,9 @@ def _get_preset(name: str) -> Preset:
 
 
 def preset_config(name: str, attn_implementation: str = "sdpa"):
-    """The ``Qwen2_5_VLConfig`` of preset ``name`` (token ids are those of the tiny tokenizer)."""
+    """The config of preset ``name``, of its family's class (token ids are those of the tiny tokenizer)."""
     preset = _get_preset(name)
-    return testing.tiny_qwen2_5_vl_config(attn_implementation=attn_implementation, **preset.overrides)
+    return testing.tiny_vlm_config(preset.family, attn_implementation=attn_implementation, **dict(preset.overrides))
 
 
 def build_preset_model(
@@ -152,16 +258,17 @@ def build_preset_model(
     """
     preset = _get_preset(name)
     device = torch.device(device)
-    if name == "tiny" and materialize:
-        model = testing.tiny_qwen2_5_vl_model(seed=seed, attn_implementation=attn_implementation, dtype=dtype)
+    if name.startswith("tiny") and materialize:
+        model = testing.tiny_vlm_model(preset.family, seed=seed, attn_implementation=attn_implementation, dtype=dtype)
         return model.to(device)
 
     from accelerate import init_empty_weights  # a dependency of the package
 
     config = preset_config(name, attn_implementation)
+    model_class = getattr(transformers, model_class_for_config(config))
     # Parameters on meta (no memory, initialisation is free); buffers (rotary inv_freq) are computed for real.
     with init_empty_weights(include_buffers=False):
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = model_class(config)
     text_config = config.get_text_config()
     model.generation_config = GenerationConfig(
         bos_token_id=text_config.bos_token_id,
@@ -224,12 +331,50 @@ def _materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtyp
         raise RuntimeError(f"parameters left on the meta device: {leftover[:5]}")
 
 
-def preset_processor(min_pixels: int | None = None, max_pixels: int | None = None):
-    """The offline Qwen2.5-VL processor of the presets, with pixel bounds wide enough for the benchmark image."""
+def preset_processor(min_pixels: int | None = None, max_pixels: int | None = None, name: str = "tiny"):
+    """The offline processor of preset ``name`` (its family's patch size), with pixel bounds wide enough for the
+    benchmark image (default: those of :func:`sparse_cache.testing.tiny_processor`, in patches of 14 pixels)."""
+    patch, merge = preset_patch_and_merge(name)
+    scale = (patch * merge) ** 2 / 28**2
     processor = testing.tiny_processor(
-        min_pixels=testing.TINY_MIN_PIXELS if min_pixels is None else min_pixels,
-        max_pixels=testing.TINY_MAX_PIXELS if max_pixels is None else max_pixels,
+        min_pixels=round(testing.TINY_MIN_PIXELS * scale) if min_pixels is None else min_pixels,
+        max_pixels=round(testing.TINY_MAX_PIXELS * scale) if max_pixels is None else max_pixels,
     )
+    processor.image_processor.patch_size = patch  # as testing.tiny_family_processor does for Qwen3-VL
+    processor.image_processor.merge_size = merge
     # Visual tokens are expanded in the text: a 16K-token image is a legal prompt for the real models.
     processor.tokenizer.model_max_length = 1 << 20
     return processor
+
+
+def preset_patch_and_merge(name: str) -> tuple[int, int]:
+    """``(patch_size, spatial_merge_size)`` of preset ``name``'s vision tower (pixels per merged token: their product)."""
+    vision = preset_config(name).vision_config
+    return int(vision.patch_size), int(vision.spatial_merge_size)
+
+
+# --------------------------------------------------------------------------- families (shared with the CLI)
+
+
+def model_class_for_config(config) -> str | None:
+    """The name of the generating class (``...ForConditionalGeneration``) sparse_cache supports for ``config``,
+    found from its ``model_type`` (transformers' image-text-to-text mapping) or its ``architectures``; ``None``
+    when the config is not of a family of :func:`sparse_cache.models.families`."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from .models import families
+
+    supported = {name for family in families() for name in family.model_classes}
+    candidates = [MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(getattr(config, "model_type", None))]
+    candidates += list(getattr(config, "architectures", None) or ())
+    for name in candidates:
+        if name in supported and hasattr(transformers, name):
+            return name
+    return None
+
+
+def supported_families_text() -> str:
+    """``"Qwen2-VL (Qwen2VLForConditionalGeneration), ..."``: every registered family and its classes."""
+    from .models import families
+
+    return ", ".join(f"{family.family} ({', '.join(family.model_classes)})" for family in families())

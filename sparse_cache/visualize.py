@@ -1,8 +1,11 @@
 """Draw which visual tokens a :class:`~sparse_cache.PrunableDynamicCache` kept, on the image itself.
 
-Qwen2.5-VL turns an image into a grid of ``14 x 14``-pixel patches (``image_grid_thw`` = (t, h, w) in
-patches) and merges every ``2 x 2`` block of patches into one visual token, so an image holds
-``t * h * w / 4`` tokens laid out row-major on an ``(h / 2) x (w / 2)`` grid per temporal slice. The
+A Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) turns an image into a grid of square patches (``14 x 14``
+pixels for Qwen2/2.5-VL, ``16 x 16`` for Qwen3-VL: ``vision_config.patch_size``; ``image_grid_thw`` = (t, h, w)
+in patches) and merges every ``m x m`` block of patches into one visual token (``m`` =
+``vision_config.spatial_merge_size``, 2 for all of them), so an image holds ``t * h * w / m**2`` tokens laid
+out row-major on an ``(h / m) x (w / m)`` grid per temporal slice. Nothing here depends on the patch's pixel
+size: the grid is in patches and is stretched over the picture. The
 tokens of the ``k``-th image are the ``k``-th run of ``<|image_pad|>`` placeholders (images consume
 placeholders in order, across the rows of a batch); videos do the same with ``<|video_pad|>`` and
 ``video_grid_thw``. :func:`token_grid` recovers, for one image (or one temporal slice of a video), the
@@ -11,7 +14,8 @@ position in ``input_ids`` of the token at every grid cell; :func:`kept_overlay` 
 
     from sparse_cache.visualize import kept_overlay
     overlay = kept_overlay(image, cache.kept_visual_positions[0], inputs["input_ids"],
-                           inputs["image_grid_thw"], model.config.image_token_id)
+                           inputs["image_grid_thw"], model.config.image_token_id,
+                           merge_size=model.config.vision_config.spatial_merge_size)
     overlay.save("kept.png")
 
 The grid is stretched over the pixel size of the image you pass, so the original picture can be used

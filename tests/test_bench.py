@@ -19,7 +19,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sparse_cache import bench, presets
+from sparse_cache import bench, presets, testing
+from sparse_cache.models import families
 from sparse_cache.select import scaled_layer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,21 +77,34 @@ def test_visual_grid_is_close_for_awkward_counts():
         assert abs(rows * cols - tokens) <= max(1, 0.02 * tokens)
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "qwen2.5-vl-7b"])
+#: text (hidden, layers, heads, KV heads, head_dim, intermediate, vocab, tied) and vision (depth, width, heads, patch,
+#: merged output width, DeepStack blocks) of the published config.json of each preset's checkpoint
+PUBLISHED_SHAPES = {
+    "qwen2.5-vl-3b": ((2048, 36, 16, 2, 128, 11008, 151936, True), (32, 1280, 16, 14, 2048, None)),
+    "qwen2.5-vl-7b": ((3584, 28, 28, 4, 128, 18944, 152064, False), (32, 1280, 16, 14, 3584, None)),
+    "qwen2-vl-7b": ((3584, 28, 28, 4, 128, 18944, 152064, False), (32, 1280, 16, 14, 3584, None)),
+    "qwen3-vl-4b": ((2560, 36, 32, 8, 128, 9728, 151936, True), (24, 1024, 16, 16, 2560, [5, 11, 17])),
+    "qwen3-vl-8b": ((4096, 36, 32, 8, 128, 12288, 151936, False), (27, 1152, 16, 16, 4096, [8, 16, 24])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_SHAPES))
 def test_large_presets_match_the_published_checkpoints(name):
     model = presets.build_preset_model(name, materialize=False)  # meta device: no memory
     count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert count == presets.PRESETS[name].published_parameters
     text, vision = model.config.get_text_config(), model.config.vision_config
-    expected = {
-        "qwen2.5-vl-7b": (3584, 28, 28, 4, 18944, 152064, 3584, False),
-        "qwen2.5-vl-3b": (2048, 36, 16, 2, 11008, 151936, 2048, True),
-    }[name]
+    (hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, tied), expected_vision = PUBLISHED_SHAPES[name]
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
-            text.intermediate_size, text.vocab_size, vision.out_hidden_size,
-            bool(model.config.tie_word_embeddings)) == expected
-    assert (vision.depth, vision.hidden_size, vision.num_heads) == (32, 1280, 16)
-    assert (model.lm_head.weight is model.model.language_model.embed_tokens.weight) == expected[-1]
+            getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads, text.intermediate_size,
+            text.vocab_size, bool(model.config.tie_word_embeddings)) == PUBLISHED_SHAPES[name][0]
+    width = getattr(vision, "embed_dim", None) or vision.hidden_size  # Qwen2-VL names the tower's width embed_dim
+    out = getattr(vision, "out_hidden_size", None) or vision.hidden_size  # ... and its merged output hidden_size
+    assert (vision.depth, width, vision.num_heads, vision.patch_size, out,
+            getattr(vision, "deepstack_visual_indexes", None)) == expected_vision
+    assert model.model.language_model.layers[0].self_attn.q_proj.out_features == heads * head_dim
+    assert (model.lm_head.weight is model.model.language_model.embed_tokens.weight) == tied
+    assert bench.patch_and_merge(model.config) == (expected_vision[3], 2)
 
 
 def test_small_preset_materialises_with_random_weights():
@@ -104,6 +118,47 @@ def test_small_preset_materialises_with_random_weights():
     assert bool((model.model.language_model.norm.weight == 1).all())
     again = presets.build_preset_model("small", dtype=torch.bfloat16)
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)  # seeded
+
+
+@pytest.mark.parametrize("name, family", [("tiny-qwen2-vl", "qwen2_vl"), ("tiny-qwen3-vl", "qwen3_vl"),
+                                          ("tiny-qwen3-vl-moe", "qwen3_vl_moe")])
+def test_every_family_runs_on_its_tiny_preset(tmp_path, name, family):
+    """The bench builds each family's tiny preset (its own class and patch size) and prunes in both modes."""
+    model = presets.build_preset_model(name)
+    assert type(model).__name__ == presets.model_class_for_config(testing.tiny_vlm_config(family))
+    patch = 16 if family.startswith("qwen3") else 14
+    assert presets.preset_processor(name=name).image_processor.patch_size == patch
+    argv = ["--model", name, "--visual-tokens", "16", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
+            "--keep-ratios", "0.25", "--mode", "both", "--out-dir", str(tmp_path), "--no-progress",
+            "--log-level", "WARNING", "--cpu-memory", "none", "--no-plots"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench.main(argv) == 0
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    data = json.loads(path.read_text())
+    assert data["settings"]["visual_tokens_per_row"] == 16
+    rows = {r["config"]: r for r in data["results"]}
+    for mode in ("post-prefill", "in-prefill"):
+        row = rows[f"{mode} keep=0.25"]
+        assert row["pruned"] and row["kept_visual_per_row"] == 4 < 16  # pruning happened
+        assert row["physical_length_prefill"] < data["settings"]["sequence_length"]
+
+
+def test_a_model_of_no_supported_family_is_one_line_naming_the_families(tmp_path, capsys):
+    """A text-only checkpoint is refused from its config with one line (not transformers' list of config classes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=64)).save_pretrained(tmp_path / "llama")
+    capsys.readouterr()  # save_pretrained's progress bar
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model", str(tmp_path / "llama"), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sparse-cache-bench: error: model: "), err
+    assert "is a 'llama' model (LlamaConfig)" in err
+    for family in families():
+        assert family.family in err and all(name in err for name in family.model_classes), err
+    assert len(err) < 400
 
 
 def test_unknown_preset_is_a_clear_error():

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 import transformers
-from transformers import AutoConfig, AutoProcessor, DynamicCache, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+)
 
 import sparse_cache
 from sparse_cache import PrunableDynamicCache, cli, testing
@@ -309,6 +317,66 @@ def test_overlay_of_an_image_smaller_than_the_model_input(capsys, model_dir, tmp
     assert Image.open(overlay).size == (56, 56)
 
 
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    """A tiny model and its tiny processor of every family, saved as a checkpoint directory."""
+    dirs = {}
+    for family in testing.FAMILIES:
+        path = tmp_path_factory.mktemp(f"tiny-{family}")
+        testing.tiny_vlm_model(family, seed=0).save_pretrained(path)
+        testing.tiny_family_processor(family).save_pretrained(path)
+        dirs[family] = str(path)
+    return dirs
+
+
+#: (patch size, visual tokens of the 224x168 test image) per family: 6 x 8 merged tokens of 28 px, or of 32 px
+#: after the processor rounds 224x168 to 224x160 (5 x 7)
+FAMILY_GRIDS = {"qwen2_vl": (14, 48), "qwen2_5_vl": (14, 48), "qwen3_vl": (16, 35), "qwen3_vl_moe": (16, 35)}
+
+
+@pytest.mark.parametrize("family", testing.FAMILIES)
+def test_every_family_generates_from_a_saved_checkpoint(capsys, family_dirs, image_path, tmp_path, family):
+    """``--model DIR`` of each family loads its own class offline (AutoConfig / AutoProcessor round-trip) and prunes."""
+    path = family_dirs[family]
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == family
+    processor = AutoProcessor.from_pretrained(path)
+    patch, total = FAMILY_GRIDS[family]
+    assert processor.image_processor.patch_size == patch == config.vision_config.patch_size
+    overlay = tmp_path / "kept.png"
+    for mode in ("post-prefill", "in-prefill"):
+        code, out, err = run(capsys, "--json", "--model", path, "--image", image_path, "--prompt", PROMPT,
+                             "--keep-ratio", "0.25", "--max-new-tokens", "3", "--mode", mode, "--overlay", str(overlay))
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["visual_tokens_total"] == total
+        assert 0 < result["visual_tokens_kept"] < total, result  # pruning happened
+        assert result["visual_tokens_kept"] == budget(total, 0.25, None)
+        assert result["pruned"] and result["model"] == path and result["mode"] == mode
+    picture = np.asarray(Image.open(overlay))
+    assert picture.shape == np.asarray(Image.open(image_path)).shape
+    assert (picture == np.array([255, 0, 0])).all(axis=-1).any(), "no kept-cell outline"
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl"])
+def test_overlay_of_a_small_image_with_patch_16(capsys, family_dirs, tmp_path, family):
+    """Qwen3-VL's patches are 16 pixels: a 20x20 image upscaled to 64x64 (2 x 2 tokens of 32 px) is drawn at 64x64
+    (with patch 14 assumed the canvas would be 56x56), and each kept token outlines one 32 px quarter."""
+    small, overlay = tmp_path / "small.png", tmp_path / "kept.png"
+    testing.synthetic_image(20, 20).save(small)
+    code, out, err = run(capsys, "--json", "--model", family_dirs[family], "--image", str(small), "--max-new-tokens",
+                         "1", "--overlay", str(overlay), "--keep-tokens", "1")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["visual_tokens_kept"], result["visual_tokens_total"]) == (1, 4)  # pruning happened
+    picture = np.asarray(Image.open(overlay))
+    assert picture.shape == (64, 64, 3)
+    red = (picture == np.array([255, 0, 0])).all(axis=-1)
+    quarters = [red[r:r + 32, c:c + 32] for r in (0, 32) for c in (0, 32)]
+    outlined = [q[0].all() and q[-1].all() and q[:, 0].all() and q[:, -1].all() for q in quarters]
+    assert sum(outlined) == 1, "exactly one 32 px token cell outlined"
+
+
 def test_default_toy_model(capsys, tmp_path):
     try:
         from sparse_cache.toy import TOY_VLM_PATH, load_toy_vlm, make_sample  # noqa: F401
@@ -356,8 +424,10 @@ def bad_files(tmp_path_factory):
     good = root / "good.png"
     testing.synthetic_image(112, 112).save(good)
     (root / "truncated.png").write_bytes(good.read_bytes()[:200])
-    qwen2_vl = root / "qwen2-vl"
-    Qwen2VLConfig().save_pretrained(qwen2_vl)
+    Qwen2VLConfig().save_pretrained(root / "qwen2-vl-config-only")  # a supported family, but no weights
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    llama.save_pretrained(root / "llama")  # a text-only model: refused from its config, before any weight loads
     (root / "empty-dir").mkdir()
     return root
 
@@ -370,7 +440,8 @@ ERRORS = [
     (["--image", "{bad}/notes.png"], 1, "cannot read"),
     (["--image", "{bad}/truncated.png"], 1, "cannot read"),
     (["--prompt", "  "], 1, "--prompt: empty prompt"),
-    (["--model", "{bad}/qwen2-vl"], 1, "is a 'qwen2_vl' model"),
+    (["--model", "{bad}/llama"], 1, "--model: {bad}/llama is a 'llama' model (LlamaConfig); sparse-cache supports"),
+    (["--model", "{bad}/qwen2-vl-config-only"], 1, "--model: cannot load {bad}/qwen2-vl-config-only: "),
     (["--model", "{bad}/no-such-model"], 1, "--model: no such directory"),
     (["--model", "{bad}/empty-dir"], 1, "has no config.json"),
     (["--model", "{bad}/good.png"], 1, "is a file"),
@@ -389,6 +460,7 @@ ERRORS = [
 @pytest.mark.parametrize("argv, status, message", ERRORS, ids=[e[2] for e in ERRORS])
 def test_errors_are_one_line(capsys, bad_files, model_dir, argv, status, message):
     argv = [a.format(bad=bad_files, model=model_dir) for a in argv]
+    message = message.format(bad=bad_files)
     if "--model" not in argv:
         argv += ["--model", model_dir]  # fail on the argument under test, not on the default model
     code, out, err = run(capsys, *argv)
@@ -397,6 +469,15 @@ def test_errors_are_one_line(capsys, bad_files, model_dir, argv, status, message
     assert err.count("\n") == 1, err
     assert err.startswith("sparse-cache") and message in err
     assert "Traceback" not in err
+
+
+def test_a_model_of_no_supported_family_is_refused_with_the_families(capsys, bad_files):
+    """The one-line refusal lists every registered family and its classes (read from the registry)."""
+    code, out, err = run(capsys, "--model", str(bad_files / "llama"))
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    for family in sparse_cache.models.families():
+        assert family.family in err
+        assert all(name in err for name in family.model_classes), err
 
 
 def test_debug_shows_the_traceback(capsys, bad_files, model_dir):

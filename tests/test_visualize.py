@@ -210,3 +210,35 @@ def test_heatmap_mixed_images_and_videos(ids):
     with pytest.raises(ValueError, match="scored_token_ids"):
         score_heatmap(frame, scores, input_ids, video_grid, video_id)
     assert token_grid(input_ids, image_grid, image_id).tolist() == [[3, 4], [5, 6]]
+
+
+# --------------------------------------------------------------------------- Qwen3-VL: 16-pixel patches
+
+
+def test_overlay_of_a_pruned_qwen3_vl_call():
+    """Qwen3-VL's 16-pixel patches (32 px per merged token): a 160x96 image is a 3 x 5 grid of tokens, and the
+    overlay of what a real pruned generate kept dims and outlines exactly those cells."""
+    from sparse_cache import PrunableDynamicCache
+    from sparse_cache._compat import CACHE_KWARG
+
+    model = testing.tiny_vlm_model("qwen3_vl", seed=0)
+    processor = testing.tiny_family_processor("qwen3_vl")
+    config = model.config
+    assert (config.vision_config.patch_size, config.vision_config.spatial_merge_size) == (16, 2)
+    image = noise_image(160, 96, seed=7)
+    inputs = testing.make_inputs(processor, ["what is in the picture?"], [[image]])
+    assert inputs["image_grid_thw"].tolist() == [[1, 6, 10]]  # patches of 16 px; 14 px would give other counts
+    cache = PrunableDynamicCache(model, keep_tokens=4, scorer="random", seed=3)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, **{CACHE_KWARG: cache})
+    positions = image_positions(inputs, config.image_token_id)
+    kept = cache.kept_visual_positions[0]
+    assert positions.numel() == 15 and kept.numel() == 4  # pruning happened: 4 of 15 kept
+    merge = config.vision_config.spatial_merge_size
+    grid = token_grid(inputs["input_ids"], inputs["image_grid_thw"], config.image_token_id, merge_size=merge)
+    assert grid.shape == (3, 5) and torch.equal(grid.flatten(), positions)
+    cells = {(int(i) // 5, int(i) % 5) for i in torch.nonzero(torch.isin(positions, kept)).flatten()}
+    assert len(cells) == 4
+    overlay = kept_overlay(image, kept, inputs["input_ids"], inputs["image_grid_thw"], config.image_token_id,
+                           merge_size=merge, dim=DIM, line_width=1)
+    check_cells(image, overlay, 3, 5, cells)
