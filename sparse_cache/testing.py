@@ -466,7 +466,9 @@ def make_inputs(
         processor.tokenizer.padding_side = old_side
 
 
-def make_video_inputs(processor, prompt: str, frames: Sequence[Image.Image], fps: float = 2.0):
+def make_video_inputs(
+    processor, prompt: str, frames: Sequence[Image.Image], fps: float = 2.0, frame_timestamps: bool = False
+):
     """Build single-row inputs for a video given as a list of PIL frames (even count).
 
     Without torchvision there is no usable video processor, so this mirrors what the
@@ -477,6 +479,10 @@ def make_video_inputs(processor, prompt: str, frames: Sequence[Image.Image], fps
     ``(t, h/m, w/m, m, m)`` order of the video processor. ``<|video_pad|>`` is expanded to
     ``t*h*w/merge**2`` tokens, ``mm_token_type_ids`` is 2 there, and
     ``second_per_grid_ts = temporal_patch_size / fps``.
+
+    ``frame_timestamps=True`` writes the prompt as the Qwen3-VL processor does: each temporal group of frames
+    is its own ``<T seconds><|vision_start|><|video_pad|>...<|vision_end|>`` (``T`` the mean time of its
+    frames), ``h*w/merge**2`` placeholders each.
     """
     if getattr(processor, "video_processor", None) is not None:
         messages = _user_message([None], prompt, video=True)
@@ -510,7 +516,14 @@ def make_video_inputs(processor, prompt: str, frames: Sequence[Image.Image], fps
     num_tokens = grid_t * gh * gw // merge**2
     if text.count(video_token) != 1:
         raise ValueError("chat template must contain exactly one video placeholder")
-    text = text.replace(video_token, video_token * num_tokens)
+    if frame_timestamps:
+        per_group = gh * gw // merge**2
+        times = [(i * tps + (i * tps + tps - 1)) / 2 / fps for i in range(grid_t)]
+        start, end = "<|vision_start|>", "<|vision_end|>"
+        groups = "".join(f"<{t:.1f} seconds>{start}{video_token * per_group}{end}" for t in times)
+        text = text.replace(f"{start}{video_token}{end}", groups)
+    else:
+        text = text.replace(video_token, video_token * num_tokens)
     enc = processor.tokenizer([text], return_tensors="pt")
     input_ids = enc["input_ids"]
     mm_token_type_ids = torch.zeros_like(input_ids)

@@ -183,13 +183,16 @@ def test_progressive_schedule_across_the_deepstack_layers(family, inputs_of):
     logits_close(out.logits, expected)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_video_matches_oracle(family):
+    """Qwen2.5-VL video is covered in test_generation; Qwen3-VL prompts carry one timestamped block per
+    temporal group of frames, as its processor writes them."""
     model = model_of(family)
     processor = testing.tiny_family_processor(family)
-    frames = [testing.synthetic_image(112, 112, seed=s) for s in range(4)]
-    inputs = testing.make_video_inputs(processor, "what happens in the video?", frames)
-    inputs.pop("second_per_grid_ts")  # a Qwen2.5-VL input; Qwen2-VL's forward does not take it
+    frames = [testing.synthetic_image(128, 128, seed=s) for s in range(4)]
+    inputs = testing.make_video_inputs(processor, "what happens in the video?", frames,
+                                       frame_timestamps=family.startswith("qwen3"))
+    inputs.pop("second_per_grid_ts")  # a Qwen2.5-VL input; these forwards do not take it
     cache = PrunableDynamicCache(model, keep_ratio=0.25)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert_pruned(cache, inputs, visual_ids(model))
@@ -197,3 +200,20 @@ def test_video_matches_oracle(family):
     full, mask, last, first = masked_full_cache(model, inputs, cache.kept_visual_positions, visual_ids(model))
     logits, _, _ = feed(model, full, mask, last, out.sequences[:, prompt_len:-1])
     logits_close(out.logits, [first] + list(logits.unbind(1)))
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_video_in_prefill_before_the_deepstack_layers(family):
+    model = model_of(family)
+    processor = testing.tiny_family_processor(family)
+    frames = [testing.synthetic_image(128, 128, seed=s) for s in range(4)]
+    inputs = testing.make_video_inputs(processor, "what happens in the video?", frames, frame_timestamps=True)
+    inputs.pop("second_per_grid_ts")
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=0, mode="in-prefill")
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, inputs, visual_ids(model))
+    prompt_len = inputs["input_ids"].shape[1]
+    expected = in_prefill_reference_logits(
+        model, inputs, [(0, cache.kept_visual_positions)], out.sequences[:, prompt_len:], visual_ids(model)
+    )
+    logits_close(out.logits, expected)
