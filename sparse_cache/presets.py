@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import GenerationConfig
 
 from . import testing
 
@@ -269,13 +268,7 @@ def build_preset_model(
     # Parameters on meta (no memory, initialisation is free); buffers (rotary inv_freq) are computed for real.
     with init_empty_weights(include_buffers=False):
         model = model_class(config)
-    text_config = config.get_text_config()
-    model.generation_config = GenerationConfig(
-        bos_token_id=text_config.bos_token_id,
-        eos_token_id=text_config.eos_token_id,
-        pad_token_id=text_config.pad_token_id,
-        do_sample=False,
-    )
+    model.generation_config = testing.greedy_generation_config(config)
     if not materialize:
         model.tie_weights()
         return model.eval()

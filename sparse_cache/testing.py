@@ -311,7 +311,13 @@ def tiny_qwen2_5_vl_config(**overrides: Any):
     text.setdefault("pad_token_id", ids["<|endoftext|>"])
     vision.setdefault("out_hidden_size", text["hidden_size"])
 
-    config = Qwen2_5_VLConfig(
+    return _vlm_config(Qwen2_5_VLConfig, text, vision, top, attn_implementation)
+
+
+def _vlm_config(config_class, text: dict, vision: dict, top: dict, attn_implementation: str | None):
+    """``config_class`` with the tiny tokenizer's special ids; ``attn_implementation`` reaches every sub-config."""
+    ids = _special_ids()
+    config = config_class(
         text_config=text,
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
@@ -323,6 +329,17 @@ def tiny_qwen2_5_vl_config(**overrides: Any):
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation  # propagates to sub-configs
     return config
+
+
+def greedy_generation_config(config) -> GenerationConfig:
+    """Greedy generation with the config's bos/eos/pad ids (what the tiny models and presets use)."""
+    text_config = config.get_text_config()
+    return GenerationConfig(
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id,
+        do_sample=False,
+    )
 
 
 @torch.no_grad()
@@ -378,13 +395,7 @@ def tiny_qwen2_5_vl_model(
         dtype,
         sum(p.numel() for p in model.parameters()),
     )
-    text_config = config.get_text_config()
-    model.generation_config = GenerationConfig(
-        bos_token_id=text_config.bos_token_id,
-        eos_token_id=text_config.eos_token_id,
-        pad_token_id=text_config.pad_token_id,
-        do_sample=False,
-    )
+    model.generation_config = greedy_generation_config(config)
     return model
 
 
@@ -599,18 +610,7 @@ def tiny_vlm_config(family: str = "qwen2_5_vl", **overrides: Any):
         text["rope_parameters"]["mrope_interleaved"] = True
         vision["out_hidden_size"] = text["hidden_size"]
         config_class = Qwen3VLConfig if family == "qwen3_vl" else Qwen3VLMoeConfig
-    config = config_class(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        **top,
-    )
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    return config
+    return _vlm_config(config_class, text, vision, top, attn_implementation)
 
 
 def tiny_vlm_model(
@@ -643,13 +643,7 @@ def tiny_vlm_model(
                 if ".experts." in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * init_std)
     model = model.to(dtype=dtype).eval()
-    text_config = config.get_text_config()
-    model.generation_config = GenerationConfig(
-        bos_token_id=text_config.bos_token_id,
-        eos_token_id=text_config.eos_token_id,
-        pad_token_id=text_config.pad_token_id,
-        do_sample=False,
-    )
+    model.generation_config = greedy_generation_config(config)
     return model
 
 
