@@ -193,7 +193,7 @@ class PrunableDynamicCache(DynamicCache):
         self._prefix_logical = 0  # logical length covered by the prefix (L0)
         self._prefix_all_valid = True
         self._dropped = 0  # logical minus physical length (L0 - P0)
-        self._history: torch.Tensor | None = None  # (B, L) token ids seen, to refuse unrelated reuse
+        self._history_chunks: list[torch.Tensor] = []  # token ids seen, per forward, to refuse unrelated reuse
         self._rope_deltas: torch.Tensor | None = None  # (B, 1) this conversation's position offsets
         self.sparse_cache_lifecycle.reset()
 
@@ -263,15 +263,16 @@ class PrunableDynamicCache(DynamicCache):
             self._prefix_all_valid = bool(self._prefix_mask.all())
             self._dropped = self._prefix_logical - self._prefix_mask.shape[1]
         super().crop(tokens_to_remove)
-        if tokens_to_remove < 0 and self._history is not None:
-            self._history = self._history[:, :tokens_to_remove]
+        if tokens_to_remove < 0 and self._history_chunks:
+            self._history_chunks = [self._history[:, :tokens_to_remove]]
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if self._prefix_mask is not None:
             self._prefix_mask = self._prefix_mask[index.to(self._prefix_mask.device)]
             self._prefix_positions = self._prefix_positions[index.to(self._prefix_positions.device)]
-        if self._history is not None:
-            self._history = self._history[index.to(self._history.device)]
+        if self._history_chunks:
+            history = self._history
+            self._history_chunks = [history[index.to(history.device)]]
         if self._rope_deltas is not None:
             self._rope_deltas = self._rope_deltas[index.to(self._rope_deltas.device)]
         rows = index.tolist()
@@ -288,7 +289,7 @@ class PrunableDynamicCache(DynamicCache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        batch = self._history.shape[0] if self._history is not None else len(self.kept_visual_positions)
+        batch = self._history_chunks[0].shape[0] if self._history_chunks else len(self.kept_visual_positions)
         self._select_rows(torch.arange(batch).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -298,7 +299,7 @@ class PrunableDynamicCache(DynamicCache):
     # ------------------------------------------------------------------ what the lifecycle asks of the storage
     def check_continuation(self, input_ids: torch.Tensor | None) -> None:
         """Start of a ``generate`` call: a non-empty cache must be continued, not reused."""
-        if self._history is None or input_ids is None:
+        if not self._history_chunks or input_ids is None:
             return
         seen = self._history
         if (
@@ -314,7 +315,18 @@ class PrunableDynamicCache(DynamicCache):
             )
 
     def record_tokens(self, input_ids: torch.Tensor) -> None:
-        self._history = input_ids if self._history is None else torch.cat([self._history, input_ids.to(self._history.device)], 1)
+        # appended, not concatenated: a decode step costs O(1) here; joined once per generate call when checked
+        self._history_chunks.append(input_ids)
+
+    @property
+    def _history(self) -> torch.Tensor | None:
+        """``(B, L)`` token ids seen (joined from the appended chunks, which it then replaces)."""
+        if not self._history_chunks:
+            return None
+        if len(self._history_chunks) > 1:
+            device = self._history_chunks[0].device
+            self._history_chunks = [torch.cat([c.to(device) for c in self._history_chunks], 1)]
+        return self._history_chunks[0]
 
     def physical_mask(self, mask, batch: int, q_len: int):
         """The 2-D mask of the physical layout for a forward of ``q_len`` tokens given the caller's ``mask``

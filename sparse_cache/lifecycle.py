@@ -75,6 +75,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
         self.stage: str | None = None
         self._splitting = False  # inside the prompt-only forward of a split assisted-decoding prefill
         self._prompt_logits: torch.Tensor | None = None
+        self._verify_positions = True  # the next continued forward's given positions are checked
 
     @property
     def pass_layout(self) -> dict | None:
@@ -84,6 +85,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
     def on_generate_prefill(self, input_ids: torch.Tensor | None) -> None:
         """Start of a ``generate`` call: a non-empty cache must be continued, not reused."""
         self.cache.check_continuation(input_ids)
+        self._verify_positions = True
 
     def on_vlm_forward(self, module, args, kwargs):
         """Start of a forward of the VLM: capture the visual tokens; positions from this conversation only."""
@@ -105,12 +107,18 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
         self.cache.record_tokens(input_ids)
         adapter = self.adapter
         batch, seq_len = input_ids.shape
-        is_visual = torch.isin(input_ids, torch.tensor(adapter.visual_token_ids, device=input_ids.device))
         # visual tokens count where the forward brings their features (a prefill, or a later turn's image); a
-        # generated or drafted image-placeholder id in a decode step is just a token
+        # generated or drafted image-placeholder id in a decode step is just a token. A decode step does no
+        # work here that grows with the sequence and no host sync.
         brings_visual = _brings_visual_inputs(kwargs, self.adapter.visual_feature_kwargs)
+        is_visual = None
+        if brings_visual:
+            is_visual = torch.isin(input_ids, torch.tensor(adapter.visual_token_ids, device=input_ids.device))
         has_visual = brings_visual and bool(is_visual.any())
         mask = get_arg(args, kwargs, names, "attention_mask")
+        position_ids, result = self._positions(args, kwargs, input_ids, mask, past_logical, has_visual)
+        if past_logical > 0 and not has_visual:
+            return result
         mask_2d = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
         if mask_2d is not None:
             token_valid = mask_2d[:, -seq_len:].to(input_ids.device).bool()
@@ -118,10 +126,9 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
         else:
             token_valid = torch.ones_like(input_ids, dtype=torch.bool)
             valid_total = torch.full((batch,), past_logical + seq_len, device=input_ids.device)
-        position_ids, result = self._positions(args, kwargs, input_ids, mask, past_logical, has_visual)
-        if position_ids is not None and (past_logical == 0 or has_visual):
+        if position_ids is not None:
             self.cache._rope_deltas = adapter.deltas_from_positions(position_ids, token_valid, valid_total)
-        elif past_logical == 0:
+        else:
             self.cache._rope_deltas = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)  # plain positions
         if not has_visual:
             return result
@@ -161,7 +168,11 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
         position_ids = get_arg(args, kwargs, names, "position_ids")
         seq_len = input_ids.shape[1]
         if position_ids is not None:
-            if past_logical > 0 and not has_visual and self.cache._rope_deltas is not None:
+            # checked once per generate call (its later steps extend these positions by one) and on multi-token
+            # forwards (a new turn): one host sync per call, none per decode step
+            verify = self._verify_positions or seq_len > 1
+            if past_logical > 0 and not has_visual and self.cache._rope_deltas is not None and verify:
+                self._verify_positions = False
                 expected = self.adapter.continuation_positions(self.cache._rope_deltas, past_logical, seq_len, mask, input_ids.device)
                 given = self.adapter.position_rows(position_ids).to(input_ids.device)
                 if given.shape[-2:] == expected.shape[-2:] and not torch.equal(given, expected[: given.shape[0]]):

@@ -369,7 +369,7 @@ def test_positions_of_another_conversation_are_refused(sdpa_model, processor, si
     cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.25)
     with torch.no_grad():
         out = sdpa_model(**single_inputs, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        wrong = torch.full((3, 1, 1), cache.get_seq_length() + 1000)
+        token = out.logits[:, -1].argmax(-1, keepdim=True).expand(-1, 2)  # a two-token turn: checked
+        wrong = torch.full((3, 1, 2), cache.get_seq_length() + 1000)
         with pytest.raises(ValueError, match="do not continue this conversation"):
             sdpa_model(input_ids=token, position_ids=wrong, past_key_values=cache, use_cache=True)

@@ -1,0 +1,72 @@
+"""What the library adds to a decode step: no host sync and nothing that grows with the sequence.
+
+Every aten op run inside the library's hooks during decode steps is recorded (a ``TorchDispatchMode``
+around the lifecycle callbacks). A host sync shows up as ``aten._local_scalar_dense`` (``.item()``,
+``bool(tensor)``); work proportional to the sequence shows up as output sizes that change with the
+prompt length. Unpadded batch: with padding the physical 2-D mask handed to the model is, like the
+caller's own mask, as long as the sequence.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sparse_cache import PrunableDynamicCache, testing
+from sparse_cache.lifecycle import PruningLifecycle
+
+CALLBACKS = ("on_vlm_forward", "on_text_forward", "on_text_forward_end", "on_attention", "on_layer_forward",
+             "on_layer_forward_end", "on_top_forward", "on_top_forward_end")
+
+
+class Recorder(TorchDispatchMode):
+    def __init__(self, ops):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = tuple(tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))
+                      if isinstance(t, torch.Tensor))
+        self.ops.append((str(func), sizes))
+        return out
+
+
+def decode_ops(model, inputs, monkeypatch, steps=4):
+    """The ops the library runs in each decode step (after the prefill) of a greedy generate."""
+    per_forward: list[list] = []
+
+    def wrap(name):
+        original = getattr(PruningLifecycle, name)
+
+        def recorded(self, *args, **kwargs):
+            if name == "on_top_forward":  # the first callback of every forward of the top-level model
+                per_forward.append([])
+            with Recorder(per_forward[-1]):
+                return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(PruningLifecycle, name, recorded)
+
+    for name in CALLBACKS:
+        wrap(name)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                   do_sample=False)
+    assert cache.get_physical_length() < cache.get_seq_length()  # it pruned
+    monkeypatch.undo()
+    return per_forward[2:]  # the prefill and the first decode step (which checks the positions once) aside
+
+
+@pytest.mark.parametrize("size", [(112, 112)])
+def test_a_decode_step_does_no_host_sync_and_no_work_growing_with_the_sequence(sdpa_model, processor, monkeypatch,
+                                                                            size):
+    short = testing.make_inputs(processor, ["describe."], [[testing.synthetic_image(*size, seed=1)]])
+    long = testing.make_inputs(processor, ["describe."], [[testing.synthetic_image(224, 224, seed=1)]])
+    assert long["input_ids"].shape[1] > short["input_ids"].shape[1] + 30
+    ops_short = decode_ops(sdpa_model, short, monkeypatch)
+    ops_long = decode_ops(sdpa_model, long, monkeypatch)
+    for step in ops_short + ops_long:
+        assert not any("_local_scalar_dense" in name for name, _ in step), step
+    # the same ops with the same sizes, whatever the sequence length
+    assert ops_short == ops_long
