@@ -207,14 +207,18 @@ class PrunableDynamicCache(DynamicCache):
         the positions its own forwards received; the model's shared ``rope_deltas`` attribute is never used."""
         return self._rope_deltas
 
+    @rope_deltas.setter
+    def rope_deltas(self, deltas: torch.Tensor | None) -> None:  # set by the lifecycle from a forward's positions
+        self._rope_deltas = deltas
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.sparse_cache_lifecycle.stage != "text":
-            self._hooks_did_not_fire(
+            self.hooks_did_not_fire(
                 f"the cache was written (layer {layer_idx}) by a forward in which sparse_cache's hooks did not run"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    def _hooks_did_not_fire(self, what: str) -> None:
+    def hooks_did_not_fire(self, what: str) -> None:
         """The self-check: a pruning cache that cannot prune raises instead of returning unpruned results."""
         self.sparse_cache_lifecycle.reset()
         raise RuntimeError(
@@ -365,7 +369,7 @@ class PrunableDynamicCache(DynamicCache):
             column_positions = torch.cat([self._prefix_positions.to(device), column_positions], dim=1)
         return column_positions
 
-    def _check_compacted(self, key_valid: torch.Tensor, dropped_local: list[torch.Tensor]) -> None:
+    def check_compacted(self, key_valid: torch.Tensor, dropped_local: list[torch.Tensor]) -> None:
         """Every layer holds the compacted layout, and each row lost exactly its dropped visual tokens."""
         physical = self.get_physical_length()
         lengths = {layer.keys.shape[2] for layer in self.layers if layer.is_initialized and layer.keys is not None}
@@ -378,7 +382,7 @@ class PrunableDynamicCache(DynamicCache):
                 f"transformers {transformers.__version__}"
             )
 
-    def _gather_layers(self, index: torch.Tensor, layers) -> None:
+    def gather_layers(self, index: torch.Tensor, layers) -> None:
         """Every given layer keeps the physical columns ``index`` ``(B, P')`` of its keys and values."""
         by_device: dict[torch.device, torch.Tensor] = {}
         for layer in layers:
@@ -391,7 +395,7 @@ class PrunableDynamicCache(DynamicCache):
             dv = layer.values.shape[-1]
             layer.values = layer.values.gather(2, idx[:, None, :, None].expand(b, h, idx.shape[1], dv))
 
-    def _set_prefix(self, logical: int, new_mask: torch.Tensor, positions: torch.Tensor) -> None:
+    def set_prefix(self, logical: int, new_mask: torch.Tensor, positions: torch.Tensor) -> None:
         self._prefix_mask = new_mask
         self._prefix_positions = positions
         self._prefix_logical = logical

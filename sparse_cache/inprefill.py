@@ -188,7 +188,7 @@ class InPrefillMixin:
                   layer.values[row, :, past + slot_of[row, members]].mean(-2)) for row, slot, members in p.recycled]
                 for layer in group
             ]
-            self.cache._gather_layers(torch.cat([past_columns, local + past], 1), group)
+            self.cache.gather_layers(torch.cat([past_columns, local + past], 1), group)
             for layer, layer_means in zip(group, means):
                 for row, slot, key, value in layer_means:
                     layer.keys[row, :, past + slot] = key
@@ -200,7 +200,7 @@ class InPrefillMixin:
         columns = columns.masked_fill(~new_mask, -1)
         for row, slot, _ in p.recycled:
             columns[row, past + slot] = -2  # a recycled token: no logical token of its own
-        self.cache._set_prefix(p.past_logical + p.seq_len, new_mask, columns)
+        self.cache.set_prefix(p.past_logical + p.seq_len, new_mask, columns)
 
 
 def packed_with_recycled(slots_valid: torch.Tensor, plan: list[dict]):

@@ -127,9 +127,9 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
             token_valid = torch.ones_like(input_ids, dtype=torch.bool)
             valid_total = torch.full((batch,), past_logical + seq_len, device=input_ids.device)
         if position_ids is not None:
-            self.cache._rope_deltas = adapter.deltas_from_positions(position_ids, token_valid, valid_total)
+            self.cache.rope_deltas = adapter.deltas_from_positions(position_ids, token_valid, valid_total)
         else:
-            self.cache._rope_deltas = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)  # plain positions
+            self.cache.rope_deltas = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)  # plain positions
         if not has_visual:
             return result
         is_visual &= token_valid
@@ -171,14 +171,14 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
             # checked once per generate call (its later steps extend these positions by one) and on multi-token
             # forwards (a new turn): one host sync per call, none per decode step
             verify = self._verify_positions or seq_len > 1
-            if past_logical > 0 and not has_visual and self.cache._rope_deltas is not None and verify:
+            if past_logical > 0 and not has_visual and self.cache.rope_deltas is not None and verify:
                 self._verify_positions = False
-                expected = self.adapter.continuation_positions(self.cache._rope_deltas, past_logical, seq_len, mask, input_ids.device)
+                expected = self.adapter.continuation_positions(self.cache.rope_deltas, past_logical, seq_len, mask, input_ids.device)
                 given = self.adapter.position_rows(position_ids).to(input_ids.device)
                 if given.shape[-2:] == expected.shape[-2:] and not torch.equal(given, expected[: given.shape[0]]):
                     raise ValueError(
                         "position_ids: the positions given do not continue this conversation (its M-RoPE offsets "
-                        f"are {self.cache._rope_deltas.flatten().tolist()}, tokens seen {past_logical}); they were "
+                        f"are {self.cache.rope_deltas.flatten().tolist()}, tokens seen {past_logical}); they were "
                         "probably computed from another conversation's offsets. Pass positions that continue this "
                         "conversation, or none."
                     )
@@ -195,12 +195,12 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
                     "PrunableDynamicCache needs explicit position_ids (the model's get_rope_index over the whole "
                     "conversation); computed from the previous turn's offsets they would be wrong"
                 )
-            position_ids = self.adapter.continuation_positions(self.cache._rope_deltas, past_logical, seq_len, mask, input_ids.device)
+            position_ids = self.adapter.continuation_positions(self.cache.rope_deltas, past_logical, seq_len, mask, input_ids.device)
         return position_ids, set_arg(args, kwargs, names, "position_ids", position_ids)
 
     def on_text_forward(self, args, kwargs):
         if self.stage != "vlm":
-            self.cache._hooks_did_not_fire(
+            self.cache.hooks_did_not_fire(
                 "the decoder ran without the VLM's forward hook having seen the call (was the cache passed to the "
                 "language model directly, or did the VLM's hook not fire?)"
             )
@@ -211,7 +211,6 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
         if embeds is None:
             raise ValueError("inputs_embeds: PrunableDynamicCache expects the decoder to receive inputs_embeds")
         batch, q_len = embeds.shape[:2]
-        past_logical = self.cache.get_seq_length()
         physical_mask = self.cache.physical_mask(mask, batch, q_len)
         if self._pass is not None:
             p = self._pass
@@ -308,15 +307,15 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
         if failed or p is None:
             return
         if stage != "text":
-            self.cache._hooks_did_not_fire("the decoder's pre-hook did not run for a forward that holds visual tokens")
+            self.cache.hooks_did_not_fire("the decoder's pre-hook did not run for a forward that holds visual tokens")
         if self.mode == "in-prefill" and not p.cuts and p.scores is not None:
-            self.cache._hooks_did_not_fire(
+            self.cache.hooks_did_not_fire(
                 f"in-prefill mode scored at layer {self._stage_layers[p.stage]} but the decoder layer's hook did not "
                 "cut its output"
             )
         if p.cuts:  # in-prefill: later layers already hold the kept layout
             if p.stage != len(self._stage_layers):
-                self.cache._hooks_did_not_fire(
+                self.cache.hooks_did_not_fire(
                     f"in-prefill mode ran {p.stage} of its {len(self._stage_layers)} pruning stages"
                 )
             with torch.no_grad():
@@ -324,7 +323,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
             return
         if p.scores is None:
             if self.scoring_layer is not None:
-                self.cache._hooks_did_not_fire(
+                self.cache.hooks_did_not_fire(
                     f"the scoring layer {self.scoring_layer}'s attention hook did not run during a forward that "
                     "holds visual tokens"
                 )
@@ -335,7 +334,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
             if all(d.numel() == 0 for d in dropped_local):
                 return  # nothing dropped: leave the cache exactly as a DynamicCache would hold it
             self._compact(p, dropped_local)
-            self.cache._check_compacted(p.key_valid, dropped_local)
+            self.cache.check_compacted(p.key_valid, dropped_local)
 
     # ------------------------------------------------------------------ select + compact
 
@@ -426,8 +425,8 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
             keep[row, dropped.to(keep.device) + past_physical] = False
         index, new_mask = left_packed(keep)
         positions = self._column_positions(p, keep.device).gather(1, index).masked_fill(~new_mask, -1)
-        self.cache._gather_layers(index, self.cache.layers)
-        self.cache._set_prefix(p.past_logical + p.seq_len, new_mask, positions)
+        self.cache.gather_layers(index, self.cache.layers)
+        self.cache.set_prefix(p.past_logical + p.seq_len, new_mask, positions)
 
 
 def _brings_visual_inputs(kwargs: dict, names: tuple[str, ...]) -> bool:
