@@ -569,6 +569,8 @@ def tiny_vlm_config(family: str = "qwen2_5_vl", **overrides: Any):
     """
     if family == "qwen2_5_vl":
         return tiny_qwen2_5_vl_config(**overrides)
+    if family in LLAVA_FAMILIES:
+        return tiny_llava_config(family, **overrides)
     if family not in FAMILIES:
         raise ValueError(f"family: unknown family {family!r}; valid: {FAMILIES}")
     from transformers import Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
@@ -625,6 +627,8 @@ def tiny_vlm_model(
     :func:`tiny_qwen2_5_vl_model`: they depend only on ``seed``)."""
     if family == "qwen2_5_vl":
         return tiny_qwen2_5_vl_model(seed, attn_implementation, dtype, init_std, **overrides)
+    if family in LLAVA_FAMILIES:
+        return tiny_llava_model(family, seed, attn_implementation, dtype, init_std, **overrides)
     import transformers
 
     config = tiny_vlm_config(family, attn_implementation=attn_implementation, **overrides)
@@ -654,9 +658,120 @@ def tiny_family_processor(family: str = "qwen2_5_vl"):
     the PIL Qwen2-VL image processor with patch 16, which is what this returns (images only: Qwen3-VL video
     prompts carry per-frame timestamps this processor does not write).
     """
+    if family in LLAVA_FAMILIES:
+        return tiny_llava_processor(family)
     if family not in ("qwen3_vl", "qwen3_vl_moe"):
         return tiny_processor()
     side = _QWEN3_PATCH_SIZE * _MERGE_SIZE
     processor = tiny_processor(min_pixels=side * side * 4, max_pixels=side * side * 64)
     processor.image_processor.patch_size = _QWEN3_PATCH_SIZE
     return processor
+
+
+# --------------------------------------------------------------------------- LLaVA families (1-D RoPE)
+
+#: LLaVA families :func:`tiny_vlm_model` builds. They are not (yet) in :data:`FAMILIES`, which the CLI, overlay and
+#: benchmark presets iterate and which read ``image_grid_thw``; the oracle suite runs :data:`ORACLE_FAMILIES`.
+LLAVA_FAMILIES = ("llava", "llava_next")
+#: every family of the parametrized oracle suite (``tests/test_families.py``)
+ORACLE_FAMILIES = FAMILIES + LLAVA_FAMILIES
+#: placeholders the LLaVA processors expand (ids right after :data:`SPECIAL_TOKENS`)
+LLAVA_SPECIAL_TOKENS = ("<image>", "<video>")
+#: the ChatML template of :data:`CHAT_TEMPLATE` with LLaVA-OneVision's ``<image>`` + newline placeholders
+LLAVA_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n").replace(
+    "<|vision_start|><|video_pad|><|vision_end|>", "<video>\n"
+)
+_LLAVA_TILE = 56  # vision image_size: 4 x 4 patches of 14 px, 16 tokens per image (tile)
+_LLAVA_PINPOINTS = [[56, 112], [112, 56], [112, 112]]  # LLaVA-NeXT anyres: up to 2 x 2 tiles
+
+
+def tiny_llava_tokenizer():
+    """:func:`tiny_tokenizer` plus the ``<image>`` and ``<video>`` special tokens (ids ``len(base) + 7``, ``+ 8``)."""
+    from tokenizers import AddedToken
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in LLAVA_SPECIAL_TOKENS],
+                         special_tokens=True)
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llava_config(family: str = "llava", **overrides: Any):
+    """A tiny config of a LLaVA family matching :func:`tiny_llava_tokenizer`.
+
+    Text hidden 64, 4 layers, 4 heads of 16: LLaVA-1.5 a Llama backbone with GQA (2 KV heads), LLaVA-NeXT a
+    Mistral backbone (4 KV heads, ``sliding_window=None`` as llava-v1.6-mistral ships). Vision: a 2-layer CLIP
+    tower, 56 px tiles of 14 px patches (16 tokens per tile; ``vision_feature_layer=-2``, CLS dropped); NeXT
+    anyres pinpoints up to 2 x 2 tiles. ``overrides``: text keys, ``vision_``-prefixed keys, top-level keys.
+    """
+    from transformers import LlavaConfig, LlavaNextConfig
+
+    tokenizer = tiny_llava_tokenizer()
+    ids = _special_ids()
+    attn_implementation = overrides.pop("attn_implementation", None)
+    rope_theta = overrides.pop("rope_theta", 10_000.0)
+    text = dict(_TEXT_DEFAULTS)
+    text.update(model_type="llama", vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=_LLAVA_TILE, patch_size=_PATCH_SIZE, projection_dim=32,
+                  hidden_act="quick_gelu")
+    top: dict[str, Any] = dict(vision_feature_layer=-2, vision_feature_select_strategy="default",
+                               projector_hidden_act="gelu")
+    if family == "llava_next":
+        text.update(model_type="mistral", num_key_value_heads=4, sliding_window=None)
+        top["image_grid_pinpoints"] = [list(p) for p in _LLAVA_PINPOINTS]
+    for key, value in overrides.items():
+        if key.startswith("vision_"):
+            vision[key[len("vision_"):]] = value
+        elif key in _TOP_LEVEL_KEYS or key in top:
+            top[key] = value
+        else:
+            text[key] = value
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
+    config_class = {"llava": LlavaConfig, "llava_next": LlavaNextConfig}[family]
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    config = config_class(text_config=text, vision_config=vision, image_token_index=image_token, **top)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_llava_model(family: str = "llava", seed: int = 0, attn_implementation: str = "sdpa",
+                     dtype: torch.dtype = torch.float32, init_std: float = 0.2, **overrides: Any):
+    """A tiny random-weight LLaVA-family model in eval mode (weights depend only on ``seed``, as
+    :func:`tiny_qwen2_5_vl_model`'s; CLIP's class embedding and NeXT's ``image_newline`` drawn too)."""
+    import transformers
+
+    config = tiny_llava_config(family, attn_implementation=attn_implementation, **overrides)
+    model_class = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}[family]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config)
+    _reinit_weights(model, init_std, seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("class_embedding", "image_newline")):
+                param.copy_(torch.randn(param.shape, generator=gen) * init_std)
+    model = model.to(dtype=dtype).eval()
+    model.generation_config = greedy_generation_config(config)
+    return model
+
+
+def tiny_llava_processor(family: str = "llava"):
+    """The transformers processor of a LLaVA family with :func:`tiny_llava_tokenizer` and its PIL image processor
+    (no torchvision): 56 px tiles, patch 14, CLS counted then dropped (``num_additional_image_tokens=1``,
+    ``vision_feature_select_strategy="default"``), as the llava-hf checkpoints ship."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    size = dict(size={"shortest_edge": _LLAVA_TILE}, crop_size={"height": _LLAVA_TILE, "width": _LLAVA_TILE})
+    common = dict(tokenizer=tiny_llava_tokenizer(), patch_size=_PATCH_SIZE, vision_feature_select_strategy="default",
+                  num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    if family == "llava":
+        return LlavaProcessor(image_processor=LlavaImageProcessorPil(**size), **common)
+    if family == "llava_next":
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in _LLAVA_PINPOINTS], **size)
+        return LlavaNextProcessor(image_processor=image_processor, **common)
+    raise ValueError(f"family: unknown LLaVA family {family!r}; valid: {LLAVA_FAMILIES}")

@@ -12,12 +12,15 @@ GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
 
 
 def full_positions(model, inputs) -> torch.Tensor:
-    """``[4, B, S]`` positions as ``generate`` builds them: a text row plus the 3 M-RoPE rows."""
+    """Positions as ``generate`` builds them: ``[4, B, S]`` (a text row plus the 3 M-RoPE rows) for M-RoPE
+    families, ``[B, S]`` (the mask's cumulative sum) for 1-D RoPE families (LLaVA)."""
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(ids)
     vlm = model.model
+    if not hasattr(vlm, "get_rope_index"):  # 1-D RoPE
+        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     rope, _ = vlm.get_rope_index(
         ids,
         mm_token_type_ids=inputs["mm_token_type_ids"],
@@ -112,7 +115,7 @@ def masked_full_cache(model, inputs, kept_positions, visual_token_ids):
 def feed(model, cache, mask, last, tokens):
     """Feed ``tokens`` ``(B, n)`` at the next positions over a full cache with ``mask``; all-step logits."""
     n = tokens.shape[1]
-    positions = last + torch.arange(1, n + 1).view(1, 1, -1)
+    positions = last + torch.arange(1, n + 1).view(*[1] * (last.ndim - 1), -1)
     mask = torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
     out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     return out.logits.float(), mask, positions[..., -1:]
@@ -192,7 +195,8 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
                 if current_valid[row, slot] and deepstack_mask[row, token]:
                     hidden[row, slot] += deepstack[layer][deepstack_rank[row, token]].to(hidden.dtype)
         return hidden
-    cos, sin = text_model.rotary_emb(hidden, positions[1:])
+    rope_positions = positions[1:] if positions.ndim == 3 else positions  # M-RoPE rows, or the 1-D positions
+    cos, sin = text_model.rotary_emb(hidden, rope_positions)
 
     def causal(valid_cols, past_valid=None):
         q = valid_cols.shape[1]
@@ -280,7 +284,7 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
     kept_valid = current_valid
     logits = [model.lm_head(text_model.norm(hidden))[:, -1].float()]
     past_valid = kept_valid
-    last = positions[1:, :, -1:]
+    last = rope_positions[..., -1:]
     for step in range(new_tokens.shape[1] - 1):
         last = last + 1
         hidden = text_model.embed_tokens(new_tokens[:, step : step + 1])

@@ -1,8 +1,10 @@
-"""One suite over every supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE), against the oracles.
+"""One suite over every supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, LLaVA-1.5, LLaVA-NeXT),
+against the oracles.
 
 Tiny random-weight models built offline (``testing.tiny_vlm_model``); Qwen3-VL inputs come from the PIL
 Qwen2-VL image processor with patch 16, the exact layout of the Qwen3-VL image processor (its own processor
-class needs torchvision for videos). Each test first asserts that pruning happened, then compares.
+class needs torchvision for videos); LLaVA inputs from the transformers LLaVA processors with their PIL image
+processors. Each test first asserts that pruning happened, then compares.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sparse_cache.models import adapter_for
 
 NEW = 4
 ATOL = 1e-4
-FAMILIES = testing.FAMILIES
+FAMILIES = testing.ORACLE_FAMILIES
 _models: dict = {}
 
 
@@ -35,7 +37,8 @@ def model_of(family, attn="sdpa"):
 
 
 def visual_ids(model):
-    return (model.config.image_token_id, model.config.video_token_id)
+    ids = (model.config.image_token_id, getattr(model.config, "video_token_id", None))
+    return tuple(i for i in ids if i is not None)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def inputs_of():
     cache = {}
 
     def make(family, kind):
-        key = ("qwen3" if family.startswith("qwen3") else "qwen2", kind)
+        key = (family if family in testing.LLAVA_FAMILIES else "qwen3" if family.startswith("qwen3") else "qwen2", kind)
         if key not in cache:
             processor = testing.tiny_family_processor(family)
             if kind == "batch":  # left padding, different images and lengths, two images in the second row
@@ -130,10 +133,9 @@ def test_beam_search_scores_match_teacher_forced_oracle(family, inputs_of):
                          length_penalty=0.0)
     assert_pruned(cache, inputs, visual_ids(model), expand=3)
     prompt_len = inputs["input_ids"].shape[1]
-    expanded = {k: v.repeat_interleave(3, 0) if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
-                for k, v in inputs.items()}
-    expanded["pixel_values"] = inputs["pixel_values"].repeat(3, 1)
-    expanded["image_grid_thw"] = inputs["image_grid_thw"].repeat(3, 1)
+    # one row, one image: every row-aligned input interleaved, every per-image input (pixels, grids, sizes) tiled
+    expanded = {k: v.repeat_interleave(3, 0) if k in ("input_ids", "attention_mask", "mm_token_type_ids")
+                else v.repeat(3, *[1] * (v.ndim - 1)) for k, v in inputs.items()}
     kept = [cache.kept_visual_positions[0]] * 3
     expected = teacher_forced_logprob(model, expanded, kept, out.sequences[:, prompt_len:], visual_ids(model))
     assert (out.sequences_scores - expected).abs().max() <= ATOL
@@ -217,3 +219,184 @@ def test_video_in_prefill_before_the_deepstack_layers(family):
         model, inputs, [(0, cache.kept_visual_positions)], out.sequences[:, prompt_len:], visual_ids(model)
     )
     logits_close(out.logits, expected)
+
+
+# --------------------------------------------------------------------------- LLaVA families (1-D RoPE)
+
+LLAVA = testing.LLAVA_FAMILIES
+
+
+def llava_batch(family, inputs_of):
+    return inputs_of(family, "batch")
+
+
+def image_runs(inputs, image_token_id):
+    """Per row, the ``(start, length)`` of each run of image tokens (images are separated by text here)."""
+    runs = []
+    for row in inputs["input_ids"]:
+        visual = (row == image_token_id).long()
+        edges = torch.diff(torch.nn.functional.pad(visual, (1, 1)))
+        starts, ends = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
+        runs.append([(int(s), int(e - s)) for s, e in zip(starts, ends)])
+    return runs
+
+
+@pytest.mark.parametrize("family", LLAVA)
+def test_llava_per_image_budgets_count_each_images_own_tokens(family, inputs_of):
+    """Budgets per image: LLaVA-1.5 16 tokens each; LLaVA-NeXT base + anyres tiles + row newlines, a different
+    count per image size (the processor's own count), every image one run of ``<image>`` tokens."""
+    from sparse_cache.select import budget
+
+    model = model_of(family)
+    inputs = llava_batch(family, inputs_of)
+    processor = testing.tiny_family_processor(family)
+    image_id = model.config.image_token_id
+    runs = image_runs(inputs, image_id)
+    lengths = [length for row in runs for _, length in row]
+    if family == "llava":
+        assert lengths == [16, 16, 16]
+    else:  # the processor's count from each image size: base 16 + un-padded tiles + one newline per row (its count
+        # includes the CLS token, which the "default" feature strategy drops)
+        sizes = inputs["image_sizes"].tolist()
+        expected = [processor._get_number_of_features(h, w, 56, 56) - 1 for h, w in sizes]
+        assert lengths == expected and len(set(lengths)) == 3, (lengths, expected)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=1, **GREEDY)
+    kept_counts = [sum(budget(length, 0.25, None) for _, length in row) for row in runs]
+    assert_pruned(cache, inputs, visual_ids(model), kept_counts=kept_counts)
+    for row, row_runs in enumerate(runs):
+        kept = cache.kept_visual_positions[row]
+        for start, length in row_runs:
+            inside = ((kept >= start) & (kept < start + length)).sum()
+            assert int(inside) == budget(length, 0.25, None)
+
+
+@pytest.mark.parametrize("family", LLAVA)
+def test_llava_adjacent_images_are_split_by_their_token_counts(family):
+    """Two images with no text between them form one run of ``<image>`` tokens: the blocks still follow each
+    image's own count (from the encoder outputs or ``image_sizes``), not the run."""
+    model = model_of(family)
+    processor = testing.tiny_family_processor(family)
+    images = [testing.synthetic_image(112, 112, seed=2), testing.synthetic_image(112, 168, seed=3)]
+    text = "<|im_start|>user\n<image><image>compare the two pictures.<|im_end|>\n<|im_start|>assistant\n"
+    inputs = processor(text=[text], images=images, return_tensors="pt")
+    runs = image_runs(inputs, model.config.image_token_id)
+    assert len(runs[0]) == 1
+    adapter = adapter_for(model)
+    counts = adapter.block_counts({k: v for k, v in inputs.items()})[0][1]
+    assert sum(counts) == runs[0][0][1] and len(counts) == 2
+    cache = PrunableDynamicCache(model, keep_tokens=3)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, inputs, visual_ids(model), kept_counts=[6])
+    start = runs[0][0][0]
+    kept = cache.kept_visual_positions[0] - start
+    assert int((kept < counts[0]).sum()) == 3 and int((kept >= counts[0]).sum()) == 3
+    prompt_len = inputs["input_ids"].shape[1]
+    full, mask, last, first = masked_full_cache(model, inputs, cache.kept_visual_positions, visual_ids(model))
+    logits, _, _ = feed(model, full, mask, last, out.sequences[:, prompt_len:-1])
+    logits_close(out.logits, [first] + list(logits.unbind(1)))
+
+
+def test_llava_uniform_scorer_strides_the_square_patch_grid(inputs_of):
+    """LLaVA-1.5 images are a square grid of patches (4 x 4 here): keep_ratio 0.25 with ``uniform`` keeps the
+    ``[::2, ::2]`` sub-grid of every image."""
+    model = model_of("llava")
+    inputs = llava_batch("llava", inputs_of)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer="uniform")
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=1, **GREEDY)
+    assert_pruned(cache, inputs, visual_ids(model))
+    sub_grid = torch.tensor([r * 4 + c for r in (0, 2) for c in (0, 2)])
+    for row, row_runs in enumerate(image_runs(inputs, model.config.image_token_id)):
+        expected = torch.cat([start + sub_grid for start, _ in row_runs])
+        assert torch.equal(cache.kept_visual_positions[row].cpu(), expected)
+
+
+@pytest.mark.parametrize("family", LLAVA)
+def test_llava_manual_decode_loop_without_position_ids(family, inputs_of):
+    """A hand-written loop that never passes ``position_ids`` on a left-padded batch: the decoder counts the pads
+    (``get_seq_length()`` onward); on the pruned cache every step equals the plain model over the full cache with
+    the dropped tokens masked (the cache's logical length and per-row offsets give the same positions)."""
+    from transformers import DynamicCache
+
+    model = model_of(family)
+    inputs = llava_batch(family, inputs_of)
+    tokens = torch.tensor([[5, 9, 17], [33, 2, 40]])
+    with torch.no_grad():
+        cache = PrunableDynamicCache(model, keep_ratio=0.25)
+        out = model(**inputs, past_key_values=cache, use_cache=True)
+        assert_pruned(cache, inputs, visual_ids(model))
+        got = [out.logits[:, -1]]
+        mask = inputs["attention_mask"]
+        for step in range(tokens.shape[1]):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            got.append(model(input_ids=tokens[:, step:step + 1], attention_mask=mask, past_key_values=cache).logits[:, -1])
+        reference = DynamicCache(config=model.config)
+        out = model(**inputs, past_key_values=reference, use_cache=True)
+        expected = [out.logits[:, -1]]
+        from oracles import dropped_mask
+        mask = dropped_mask(inputs, visual_ids(model), cache.kept_visual_positions)
+        for step in range(tokens.shape[1]):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            expected.append(model(input_ids=tokens[:, step:step + 1], attention_mask=mask,
+                                  past_key_values=reference).logits[:, -1])
+    assert cache.rope_deltas.flatten().tolist() == (inputs["attention_mask"] == 0).sum(1).tolist()  # the pads
+    logits_close(got, expected)
+
+
+@pytest.mark.parametrize("family", LLAVA)
+def test_llava_sparsevlm_schedule_scaled_to_depth(family, inputs_of):
+    """The authors' 2/6/15-of-32 progressive schedule scaled to 4 layers (0/1/2), against the hand-built reference."""
+    model = model_of(family)
+    inputs = llava_batch(family, inputs_of)
+    cache = PrunableDynamicCache(model, keep_ratio=0.5, mode="in-prefill", schedule="sparsevlm")
+    assert [layer for layer, _ in cache.schedule] == [0, 1, 2]
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, inputs, visual_ids(model))
+    stages = [(layer, kept) for (layer, _), kept in zip(cache.schedule, cache.stage_kept_visual_positions)]
+    prompt_len = inputs["input_ids"].shape[1]
+    expected = in_prefill_reference_logits(model, inputs, stages, out.sequences[:, prompt_len:], visual_ids(model))
+    logits_close(out.logits, expected)
+
+
+@pytest.mark.parametrize("family", LLAVA)
+def test_llava_recycling_matches_hand_built_reference(family, inputs_of):
+    model = model_of(family)
+    inputs = llava_batch(family, inputs_of)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, mode="in-prefill", recycle=True, scoring_layer=1)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    groups = cache.recycled_groups
+    assert all(groups), "no recycled token in some row"
+    assert_pruned(cache, inputs, visual_ids(model), extra=[len(g) for g in groups])
+    prompt_len = inputs["input_ids"].shape[1]
+    expected = in_prefill_reference_logits(model, inputs, [(1, cache.kept_visual_positions)],
+                                           out.sequences[:, prompt_len:], visual_ids(model), groups)
+    logits_close(out.logits, expected)
+
+
+@pytest.mark.parametrize("scorer", sorted(__import__("sparse_cache").SCORERS))
+@pytest.mark.parametrize("family", LLAVA)
+def test_llava_every_scorer_matches_masked_oracle(family, scorer, inputs_of):
+    model = model_of(family)
+    inputs = llava_batch(family, inputs_of)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer=scorer)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, inputs, visual_ids(model))
+    prompt_len = inputs["input_ids"].shape[1]
+    full, mask, last, first = masked_full_cache(model, inputs, cache.kept_visual_positions, visual_ids(model))
+    logits, _, _ = feed(model, full, mask, last, out.sequences[:, prompt_len:-1])
+    logits_close(out.logits, [first] + list(logits.unbind(1)))
+
+
+def test_llava_refusals():
+    """A Mistral backbone with a sliding window, and a LLaVA family without an adapter yet, are refused in one line."""
+    model = testing.tiny_vlm_model("llava_next", sliding_window=8)
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        PrunableDynamicCache(model, keep_ratio=0.25)
+
+    class LlavaOnevisionForConditionalGeneration(torch.nn.Module):
+        pass
+
+    with pytest.raises(TypeError) as error:
+        adapter_for(LlavaOnevisionForConditionalGeneration())
+    message = str(error.value)
+    assert "\n" not in message and "LlavaForConditionalGeneration" in message and "LlavaNextForConditionalGeneration" in message

@@ -44,3 +44,5 @@ def adapter_for(model: torch.nn.Module) -> VLMAdapter:
 from . import qwen2_vl  # noqa: E402,F401
 from . import qwen2_5_vl  # noqa: E402,F401
 from . import qwen3_vl  # noqa: E402,F401
+from . import llava  # noqa: E402,F401
+from . import llava_next  # noqa: E402,F401

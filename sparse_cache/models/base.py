@@ -56,7 +56,8 @@ class VLMAdapter:
         self.image_token_id = int(config.image_token_id)
         video = getattr(config, "video_token_id", None)
         self.video_token_id = int(video) if video is not None else None
-        self.spatial_merge_size = int(config.vision_config.spatial_merge_size)
+        # M-RoPE families merge 2x2 patches into one token; LLaVA-style projectors map one patch to one token
+        self.spatial_merge_size = int(getattr(config.vision_config, "spatial_merge_size", None) or 1)
         self.attn_implementation = getattr(self.text_config, "_attn_implementation", None) or "eager"
         self.vlm_args = forward_arg_names(self.vlm)
         self.text_args = forward_arg_names(self.text_model)
