@@ -357,7 +357,7 @@ def model_class_for_config(config) -> str | None:
 
     from .models import families
 
-    supported = {name for family in families() for name in family.model_classes}
+    supported = {name for family in families() if family.command_line for name in family.model_classes}
     candidates = [MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(getattr(config, "model_type", None))]
     candidates += list(getattr(config, "architectures", None) or ())
     for name in candidates:
@@ -367,7 +367,10 @@ def model_class_for_config(config) -> str | None:
 
 
 def supported_families_text() -> str:
-    """``"Qwen2-VL (Qwen2VLForConditionalGeneration), ..."``: every registered family and its classes."""
+    """``"Qwen2-VL (Qwen2VLForConditionalGeneration), ..."``: the families the command line handles, and the
+    ones the Python API alone handles."""
     from .models import families
 
-    return ", ".join(f"{family.family} ({', '.join(family.model_classes)})" for family in families())
+    tools = ", ".join(f"{family.family} ({', '.join(family.model_classes)})" for family in families() if family.command_line)
+    api_only = [family.family for family in families() if not family.command_line]
+    return tools + (f"; from Python only, not yet here: {', '.join(api_only)}" if api_only else "")

@@ -42,6 +42,9 @@ class VLMAdapter:
     #: forward keywords carrying visual features: a forward with visual token ids brings images only with one of
     #: these (or encoder outputs); a generated placeholder id in a decode step is a plain token
     visual_feature_kwargs: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
+    #: whether the command-line tools (``sparse-cache generate``, ``sparse-cache-bench``: grids, overlays,
+    #: presets) handle this family yet; the Python API handles every registered family
+    command_line: bool = True
 
     def __init__(self, model: torch.nn.Module):
         name = type(model).__name__

@@ -33,6 +33,7 @@ class LlavaFamilyAdapter(Rope1DAdapter):
 
     visual_input_kwargs = ("pixel_values", "image_sizes")
     visual_feature_kwargs = ("pixel_values",)
+    command_line = False  # the CLI's overlay and the bench's presets read Qwen-style grids: not yet for LLaVA
 
     def select_strategy(self, kwargs: dict) -> str:
         return kwargs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
