@@ -614,12 +614,55 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+#: lines the torch profiler's native code prints to stderr on every start and stop (kineto's log)
+_PROFILER_CHATTER = re.compile(r"profiler_(start|stop)|ActivityProfiler|^STAGE:|^USDT:")
+
+
+class _native_stderr_filtered:
+    """Send file descriptor 2 to a temporary file for a block, then write back to stderr only the lines that do not
+    match ``pattern`` (native code writes to the descriptor directly, past ``sys.stderr`` and logging)."""
+
+    def __init__(self, pattern: re.Pattern):
+        self.pattern = pattern
+
+    def __enter__(self):
+        import tempfile
+
+        self.saved = None
+        try:
+            sys.stderr.flush()
+            self.capture = tempfile.TemporaryFile(mode="w+b")
+            self.saved = os.dup(2)
+            os.dup2(self.capture.fileno(), 2)
+        except (OSError, AttributeError, ValueError):  # no real descriptor 2 (e.g. some notebook kernels)
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            return False
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.capture.seek(0)
+        kept = [line for line in self.capture.read().decode(errors="replace").splitlines()
+                if line.strip() and not self.pattern.search(line)]
+        self.capture.close()
+        if kept:
+            sys.stderr.write("\n".join(kept) + "\n")
+        return False
+
+
 def _profiled_peak_bytes(fn: Callable[[], Any]) -> int | None:
     """Peak of the running sum of CPU tensor allocations (bytes) recorded by the torch profiler during ``fn``."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with _native_stderr_filtered(_PROFILER_CHATTER):  # kineto's start/stop lines would break the progress bar
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     try:
         events = prof.profiler.kineto_results.events()
     except AttributeError:  # pragma: no cover - profiler internals moved
@@ -1427,6 +1470,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"name: {args.name!r} may hold only letters, digits, '.', '_' and '-'")
     except ValueError as err:
         parser.error(str(err))
+    # Optional dependencies, checked before minutes of work rather than after them.
+    if not args.no_plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.stderr.write(f"{parser.prog}: error: the plots need matplotlib: pip install 'sparse-cache[bench]', "
+                             "or pass --no-plots\n")
+            raise SystemExit(2) from None
+    if not args.no_progress:
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            logger.warning("tqdm is not installed: no progress bar (pip install 'sparse-cache[bench]', or pass "
+                           "--no-progress)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

@@ -11,8 +11,10 @@ also runs the unpruned model in the same process and reports the speed-ups. Erro
 (a missing or unreadable image, a model of no supported family, ...) are one line on stderr and a
 non-zero exit status; ``--debug`` shows tracebacks and the library's debug log.
 
-Timing: ``prefill`` is the wall time of the model's first forward inside ``generate`` (vision tower,
-the whole prompt, and with pruning the scoring and the cache compaction, which happen inside it);
+Timing: ``prefill`` is the wall time from the start of the vision tower to the end of the model's first
+forward inside ``generate`` (the vision tower, the whole prompt, and with pruning the scoring and the cache
+compaction, which happen inside it; the same on every transformers version, whether ``generate`` runs the
+vision tower inside the first forward or just before it);
 ``decode`` is the rest of ``generate``, i.e. the following one-token steps. CUDA is synchronised around
 every timestamp. Without ``--compare`` the answer's own run is timed (``--repeats N``: median of N).
 With ``--compare`` the answers come from one pruned and one unpruned run of ``--max-new-tokens``, and
@@ -42,7 +44,8 @@ import traceback
 from dataclasses import dataclass
 from collections.abc import Sequence
 
-import torch
+# torch, transformers and the library proper are imported inside the functions that need them, so that
+# --help, --version and argument errors answer at once (tests/test_cli.py times it).
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,15 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_KEEP_RATIO = 0.25
 DEFAULT_PROMPT = "Describe this image."
 EXAMPLE_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("float32", "float16", "bfloat16")
+#: the library's names, known here without importing it (tests/test_cli.py checks they match the library's)
+MODES = ("post-prefill", "in-prefill")
+SCORER_NAMES = ("cdpruner", "cosine", "dart", "divprune", "fastv", "random", "sparsevlm", "sparsevlm_plus", "uniform")
+FAMILIES_TEXT = (
+    "Qwen2-VL (Qwen2VLForConditionalGeneration), Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), "
+    "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration); "
+    "from Python only, not yet here: LLaVA-1.5, LLaVA-NeXT"
+)
 #: --compare: timed pairs (unpruned, pruned) by default, untimed warm-up runs of each, new tokens per timed run
 DEFAULT_COMPARE_REPEATS = 5
 COMPARE_WARMUP = 1
@@ -113,24 +124,25 @@ def _timing_tokens(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _adaptive_scale(text: str) -> float:
+    """SparseVLM's lambda: strictly between 0 and 1 (finite; at 1 or above only rank(P) or fewer tokens, often
+    a single one, would be kept)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not (0.0 < value < 1.0):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(
+            f"expected a number in (0, 1), got {text} (the share of the n - rank(P) redundant tokens to prune; "
+            "1 or more would keep at most rank(P) tokens, often just one)"
+        )
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .cache import MODES
-    from .scorers import SCORERS
 
-    from .presets import supported_families_text
-
-    families = supported_families_text()
+    families = FAMILIES_TEXT
     parser = _Parser(
         prog=PROG, description=f"Training-free visual token pruning for vision-language models: {families}."
     )
@@ -156,15 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budget.add_argument("--keep-tokens", type=_positive_int, metavar="N", help="number of visual tokens to keep")
     budget.add_argument(
-        "--adaptive-scale", type=_positive_float, metavar="LAMBDA",
-        help="SparseVLM's rank-based budget instead of a fixed one (scorers sparsevlm, sparsevlm_plus)",
+        "--adaptive-scale", type=_adaptive_scale, metavar="LAMBDA",
+        help="SparseVLM's rank-based budget instead of a fixed one (scorers sparsevlm, sparsevlm_plus): prune "
+        "LAMBDA x (n - rank(P)) of an image's n visual tokens, P being the raters' attention; LAMBDA in (0, 1), "
+        "e.g. 0.5",
     )
     gen.add_argument(
         "--model", metavar="ID_OR_PATH",
         help=f"Hub id or local directory of a model of a supported family ({families}), e.g. {EXAMPLE_MODEL} "
         "(default: the bundled toy VLM, offline)",
     )
-    gen.add_argument("--scorer", default="sparsevlm", choices=sorted(SCORERS), help="token scorer (default sparsevlm)")
+    gen.add_argument("--scorer", default="sparsevlm", choices=SCORER_NAMES, help="token scorer (default sparsevlm)")
     gen.add_argument(
         "--scoring-layer", type=_non_negative_int, metavar="L", help="decoder layer that scores (default: the scorer's)"
     )
@@ -214,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -226,9 +242,11 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _resolve_dtype(name: str, device: torch.device, toy: bool) -> torch.dtype:
+    import torch
+
     if name == "auto":  # the toy VLM was trained in float32 and is tiny: keep it there
         return torch.bfloat16 if device.type == "cuda" and not toy else torch.float32
-    return _DTYPES[name]
+    return getattr(torch, name)
 
 
 def load_image(path: str):
@@ -289,10 +307,38 @@ def _looks_like_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def load_model(name: str | None, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
+def _check_hub_reachable(name: str, timeout: float = 10.0) -> None:
+    """One request to the Hub before loading ``name`` from it, so that an unreachable Hub is one line at once instead
+    of the Hub client's retries (minutes of backoff). Skipped when ``name`` is in the local cache or offline."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+        from huggingface_hub.utils import get_session
+    except ImportError:  # an older or newer client: let from_pretrained report
+        return
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # cached: from_pretrained may still revalidate, but it has a copy to fall back on
+    except Exception:  # an invalid repo id: from_pretrained says so in one line
+        return
+    url = f"{constants.ENDPOINT.rstrip('/')}/api/models/{name}"
+    try:
+        get_session().head(url, timeout=timeout)
+    except Exception as exc:  # requests' or httpx' connection errors, timeouts, proxy and SSL errors
+        raise CLIError(
+            f"--model: cannot reach the Hugging Face Hub at {constants.ENDPOINT} to download {name} "
+            f"({type(exc).__name__}: {_one_line(exc)}); check the network, or pass a local model directory"
+        ) from exc
+
+
+def load_model(
+    name: str | None, device: torch.device, dtype: torch.dtype, attn: str, check_config=None
+) -> LoadedModel:
     """The toy VLM (``name=None``) or a model of a supported family (:func:`sparse_cache.models.families`) from the
     Hub or a local directory, loaded with its family's ``...ForConditionalGeneration`` class; :class:`CLIError`
-    (one line listing the supported families and classes) for anything else."""
+    (one line listing the supported families and classes) for anything else. ``check_config(config)``, if given,
+    runs on the model's config before any weights load (flag checks that depend on the model's depth)."""
     if name is None:
         try:
             from .toy import TOY_VLM_PATH, load_toy_vlm
@@ -301,6 +347,10 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype, attn:
                 f"the default toy model is not available ({_one_line(exc)}); pass --model ID_OR_PATH, "
                 f"e.g. --model {EXAMPLE_MODEL}"
             ) from exc
+        if check_config is not None:
+            from transformers import AutoConfig
+
+            check_config(AutoConfig.from_pretrained(TOY_VLM_PATH))
         try:
             model, processor = load_toy_vlm(attn_implementation=attn, dtype=dtype)
         except (OSError, ValueError) as exc:
@@ -325,6 +375,8 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype, attn:
             )
     elif _looks_like_path(name):
         raise CLIError(f"--model: no such directory: {name}")
+    if not os.path.isdir(expanded):
+        _check_hub_reachable(name)
     try:
         config = AutoConfig.from_pretrained(expanded)
     except (OSError, ValueError, KeyError) as exc:
@@ -335,6 +387,8 @@ def load_model(name: str | None, device: torch.device, dtype: torch.dtype, attn:
             f"--model: {name} is a {getattr(config, 'model_type', None)!r} model ({type(config).__name__}); "
             f"sparse-cache supports {supported_families_text()}; e.g. {EXAMPLE_MODEL}"
         )
+    if check_config is not None:
+        check_config(config)
     logger.debug("loading %s as %s", name, class_name)
     try:
         model_class = getattr(transformers, class_name)
@@ -379,8 +433,15 @@ class Timing:
         return self.prefill_s + self.decode_s
 
 
+def vision_tower(model):
+    """The model's vision tower (``model.model.visual`` in the Qwen-VL families), or None."""
+    inner = getattr(model, "model", None)
+    return getattr(inner, "visual", None) or getattr(model, "visual", None)
+
+
 class _FirstForwardTimer:
-    """Timestamps around the first forward of ``model`` (the prefill) during a ``generate`` call."""
+    """Timestamps of the prefill during a ``generate`` call: from the start of the vision tower or of the model's
+    first forward, whichever comes first, to the end of that first forward."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model, self.device = model, device
@@ -389,6 +450,8 @@ class _FirstForwardTimer:
 
     def now(self) -> float:
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
@@ -402,6 +465,9 @@ class _FirstForwardTimer:
 
     def __enter__(self):
         self._handles = [self.model.register_forward_pre_hook(self._pre), self.model.register_forward_hook(self._post)]
+        vision = vision_tower(self.model)
+        if vision is not None:  # transformers >= 5.2x runs it before the model's first forward, older ones inside it
+            self._handles.append(vision.register_forward_pre_hook(self._pre))
         return self
 
     def __exit__(self, *exc):
@@ -415,6 +481,8 @@ def timed_generate(model, inputs, max_new_tokens: int, device: torch.device, cac
     ``cache`` is passed under the keyword this transformers uses (``cache`` from 5.24, ``past_key_values``
     before); ``exact``: generate exactly ``max_new_tokens`` tokens (EOS ignored), for timing runs.
     """
+    import torch
+
     from ._compat import CACHE_KWARG
 
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
@@ -510,7 +578,8 @@ def timing_notes(ratios: dict, *, mode: str, visual_tokens: int, control: bool, 
             "tokens pruned); see docs/benchmarks.md for measured numbers"
         )
     if repeats < 3:
-        notes.append(f"{repeats} timed pair{'s' * (repeats > 1)} give no meaningful spread; use --repeats 5 or more")
+        notes.append(f"{repeats} timed pair{'s' * (repeats > 1)} give{'s' * (repeats == 1)} no meaningful spread; "
+                     "use --repeats 5 or more")
     return notes
 
 
@@ -578,19 +647,104 @@ def _generate(model, inputs, max_new_tokens, device, cache=None, exact=False):
         raise CLIError(f"generate failed: {message}") from exc
 
 
+# --------------------------------------------------------------------------- flag checks before the model loads
+
+#: scorers that compute the raters' attention the rank-based budget (--adaptive-scale) needs
+ADAPTIVE_SCORERS = ("sparsevlm", "sparsevlm_plus")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag combinations the library would refuse, refused first and in flag names (no model needed)."""
+    if args.adaptive_scale is not None and args.scorer not in ADAPTIVE_SCORERS:
+        raise CLIError(
+            f"--adaptive-scale needs the raters' attention, which --scorer {args.scorer} does not compute; "
+            f"use --scorer {' or --scorer '.join(ADAPTIVE_SCORERS)}, or --keep-ratio/--keep-tokens"
+        )
+    if args.schedule is None:
+        return
+    if args.mode != "in-prefill":
+        raise CLIError(
+            f"--schedule {args.schedule} prunes inside the prefill; add --mode in-prefill (the mode is {args.mode})"
+        )
+    if args.keep_tokens is not None:
+        raise CLIError(
+            f"--schedule {args.schedule} derives its stages from --keep-ratio (the layer-average share of visual "
+            "tokens); pass --keep-ratio instead of --keep-tokens"
+        )
+    if args.adaptive_scale is not None:
+        raise CLIError(
+            f"--schedule {args.schedule} and --adaptive-scale both set how many tokens are kept; pass one of them"
+        )
+    if args.scoring_layer is not None:
+        raise CLIError(
+            f"--schedule {args.schedule} scores at the layers of its own stages; leave --scoring-layer out"
+        )
+
+
+def num_decoder_layers(config) -> int:
+    text = getattr(config, "text_config", None) or config
+    return int(text.num_hidden_layers)
+
+
+def schedule_checker(args: argparse.Namespace, keep_ratio: float):
+    """``check_config`` for :func:`load_model`: can ``--schedule`` reach ``keep_ratio`` on this model's depth?"""
+    if args.schedule is None:
+        return None
+
+    def check(config) -> None:
+        from .select import derive_schedule
+
+        layers = num_decoder_layers(config)
+        try:
+            derive_schedule(keep_ratio, layers)
+        except ValueError:
+            stages = derive_schedule(1.0, layers)
+            first = stages[0][0]
+            minimum = (first + 1) / layers
+            suggestion = min(1.0, math.ceil(10 * (minimum + (1 - minimum) / 3)) / 10)
+            computing = "layer 0 computes" if first == 0 else f"layers 0-{first} compute"
+            given = f"--keep-ratio {keep_ratio:g}" + ("" if args.keep_ratio is not None else " (the default)")
+            raise CLIError(
+                f"--schedule {args.schedule}: {given} is the layer-average share of visual tokens, and on this "
+                f"{layers}-layer model {computing} every visual token before the first stage prunes, "
+                f"so it must be above {minimum:.3f}; pass e.g. --keep-ratio {suggestion:g}"
+            ) from None
+
+    return check
+
+
 # --------------------------------------------------------------------------- the command
 
 
-def run_generate(args: argparse.Namespace) -> dict:
-    """Do what ``sparse-cache generate`` does and return the results as a dict (see :func:`format_report`)."""
-    from . import PrunableDynamicCache
-    from .visualize import kept_overlay, score_heatmap
+@dataclass
+class CheckedArguments:
+    image: object  # the opened --image, or None for the default sample
 
+
+def check_arguments(args: argparse.Namespace) -> CheckedArguments:
+    """Everything that can be checked without torch or a model: the prompt, the image, the output paths and the
+    flag combinations (the command line runs it before importing the library, so these errors come at once)."""
     if args.prompt is not None and not args.prompt.strip():
         raise CLIError('--prompt: empty prompt; pass a question about the image, e.g. --prompt "What is shown?"')
     image = load_image(args.image) if args.image is not None else None
     _check_output_path(args.overlay, "--overlay")
     _check_output_path(args.heatmap, "--heatmap")
+    check_flags(args)
+    return CheckedArguments(image)
+
+
+def run_generate(args: argparse.Namespace, checked: CheckedArguments | None = None) -> dict:
+    """Do what ``sparse-cache generate`` does and return the results as a dict (see :func:`format_report`).
+    ``checked``: the result of :func:`check_arguments` when the caller already ran it."""
+    if checked is None:
+        checked = check_arguments(args)
+    image = checked.image
+
+    import torch
+
+    from . import PrunableDynamicCache
+    from .visualize import kept_overlay, score_heatmap
+
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device, toy=args.model is None)
     fixed_budget = args.keep_ratio is not None or args.keep_tokens is not None or args.adaptive_scale is not None
@@ -598,7 +752,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     repeats = args.repeats or (DEFAULT_COMPARE_REPEATS if args.compare else 1)
     timing_tokens = getattr(args, "timing_tokens", DEFAULT_TIMING_TOKENS)
 
-    loaded = load_model(args.model, device, dtype, args.attn)
+    loaded = load_model(args.model, device, dtype, args.attn, check_config=schedule_checker(args, keep_ratio))
     model, processor = loaded.model, loaded.processor
     expected = None
     if image is None:
@@ -664,6 +818,8 @@ def run_generate(args: argparse.Namespace) -> dict:
             order.append("pruned")
 
     def answer_of(seqs) -> str:
+        if loaded.is_toy:  # its tokens are whole words without leading spaces: keep repeated answers apart
+            return toy_answer_text(processor, seqs[0, input_len:])
         return processor.batch_decode(seqs[:, input_len:], skip_special_tokens=True)[0].strip()
 
     if cache.kept_visual_positions:
@@ -693,6 +849,15 @@ def run_generate(args: argparse.Namespace) -> dict:
         "repeats": repeats,
         **_timing_dict(timing),
     }
+    if loaded.is_toy:
+        result["input_note"] = toy_input_note(args.image is not None, prompt)
+    if getattr(cache, "schedule", None):
+        from .select import budget as stage_budget
+
+        result["schedule_stages"] = [
+            {"after_layer": int(layer), "keep_ratio": float(ratio), "visual_tokens": stage_budget(total_visual, ratio, None)}
+            for layer, ratio in cache.schedule
+        ]
     if args.compare:
         base = _median_timing(unpruned_timings)
         ratios = ratio_summary(unpruned_timings, pruned_timings)
@@ -727,13 +892,35 @@ def run_generate(args: argparse.Namespace) -> dict:
             if not cache.visual_scores:
                 raise CLIError("--heatmap: the cache recorded no scores (nothing was scored in this run)")
             scores = cache.visual_scores[0].cpu()
-            picture = score_heatmap(canvas, scores, *grid_args, merge_size=merge, kept_positions=kept)
+            picture = score_heatmap(canvas, scores, *grid_args, merge_size=merge, kept_positions=kept,
+                                    colorbar=True)
         try:
             picture.save(path)
         except (OSError, ValueError) as exc:
             raise CLIError(f"--{key}: cannot write {path}: {_one_line(exc)}") from exc
         result[key] = path
     return result
+
+
+def toy_answer_text(processor, tokens) -> str:
+    """The toy VLM's answer, one word per generated token joined by spaces (its vocabulary's words carry no
+    leading space, so a plain decode glues a repeated answer into ``yesyes``)."""
+    words = [processor.decode([int(t)], skip_special_tokens=True).strip() for t in tokens]
+    return " ".join(w for w in words if w)
+
+
+def toy_input_note(user_image: bool, prompt: str) -> str | None:
+    """A note when the toy VLM gets an input outside its task (its answers are then arbitrary), else None."""
+    from .toy.task import COLOURS, QUESTION_TEMPLATE
+
+    own_question = prompt.strip() in {QUESTION_TEMPLATE.format(colour=c) for c in COLOURS}
+    other = [what for what, outside in (("image", user_image), ("prompt", not own_question)) if outside]
+    if not other:
+        return None
+    return (
+        f"the toy VLM only answers {QUESTION_TEMPLATE.format(colour='<colour>')!r} about its own 8x8 boards; "
+        f"with another {' and '.join(other)} its yes/no answers are arbitrary (pass --model for a real VLM)"
+    )
 
 
 def _interleave(first: list, second: list) -> list:
@@ -754,7 +941,7 @@ def patch_and_merge(config, processor=None) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _drawing_canvas(image, grid_thw: torch.Tensor, patch: int):
+def _drawing_canvas(image, grid_thw, patch: int):
     """The image to draw on: the original, or the processor's (upscaled) size when the original is smaller
     (``grid_thw`` counts patches of ``patch`` pixels)."""
     from PIL import Image
@@ -817,6 +1004,9 @@ def format_report(r: dict) -> str:
         rows.append(("expected", r["expected_answer"]))
     rows.append(("visual tokens", f"{r['visual_tokens_kept']} kept / {r['visual_tokens_total']} total ({share:.0%}), "
                                   f"scorer={r['scorer']} {budget}"))
+    if r.get("schedule_stages"):
+        stages = ", ".join(f"{s['visual_tokens']} after layer {s['after_layer']}" for s in r["schedule_stages"])
+        rows.append(("schedule", f"visual tokens kept {stages} (--keep-ratio is the share of visual tokens an average decoder layer computes)"))
     if not r["pruned"]:
         rows.append(("pruning", f"none: {r['not_pruned_because']}; a control run, no speed-up is claimed"))
     rows += [("prefill", _ms(r["prefill_ms"]) + timed), ("decode", _decode_line(r))]
@@ -836,6 +1026,8 @@ def format_report(r: dict) -> str:
             rows.append(("speed-up", "none claimed (nothing was pruned)"))
             rows.append(("control ratio", f"{_spread_text(r['control_ratio'])}; {pairs}"))
         rows += [("note", note) for note in r["notes"]]
+    if r.get("input_note"):
+        rows.append(("note", r["input_note"]))
     for key in ("overlay", "heatmap"):
         if key in r:
             rows.append((key, f"written to {r[key]}"))
@@ -869,6 +1061,9 @@ class _Logging:
         self.package.setLevel(logging.DEBUG if self.debug else logging.WARNING)
         self.old_transformers = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity(transformers.logging.INFO if self.debug else transformers.logging.ERROR)
+        self.hub_logger = logging.getLogger("huggingface_hub")  # its retry lines: only with --debug
+        self.old_hub_level = self.hub_logger.level
+        self.hub_logger.setLevel(logging.DEBUG if self.debug else logging.ERROR)
         # Weight-loading bars help at a terminal; in a pipe or a log they are noise around the report.
         self.old_bars = transformers.logging.is_progress_bar_enabled()
         interactive = getattr(sys.stderr, "isatty", lambda: False)()
@@ -882,6 +1077,7 @@ class _Logging:
         self.package.removeHandler(self.handler)
         self.package.setLevel(self.old_level)
         transformers.logging.set_verbosity(self.old_transformers)
+        self.hub_logger.setLevel(self.old_hub_level)
         if self.old_bars:
             transformers.logging.enable_progress_bar()
 
@@ -898,8 +1094,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     debug = args.debug
     try:
+        checked = check_arguments(args)  # before torch and transformers are imported: errors at once
         with _Logging(args.debug):
-            result = run_generate(args)
+            result = run_generate(args, checked)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

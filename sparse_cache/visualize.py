@@ -280,6 +280,8 @@ def score_heatmap(
     cmap="inferno",
     vmin: float | None = None,
     vmax: float | None = None,
+    scale: str = "robust",
+    colorbar: bool = False,
     outline: RGB | None = (255, 255, 255),
     line_width: int | None = None,
 ) -> Image.Image:
@@ -297,12 +299,20 @@ def score_heatmap(
         alpha: opacity of the heat map in ``[0, 1]``.
         cmap: matplotlib colour-map name or a callable ``values in [0, 1] -> RGB(A) floats`` (a built-in
             ramp replaces the name when matplotlib is not installed).
-        vmin, vmax: score range mapped to the ends of the colour map; default the image's finite
-            min and max. Cells with a NaN score (the scorer could not rate them) are left uncoloured.
+        vmin, vmax: score range mapped to the ends of the colour map (scores outside are clipped); default
+            from ``scale``. Cells with a NaN score (the scorer could not rate them) are left uncoloured.
+        scale: how the default range is set: ``"robust"`` (default) the 5th to 95th percentile of the image's
+            finite scores, so that one outlier (attention scores often have one) does not make every other
+            cell look alike; ``"minmax"`` their min and max.
+        colorbar: append a colour bar with the score range on the right (the picture then is wider than
+            ``image``; the heat map part keeps its size).
 
     Returns:
-        A new RGB ``PIL.Image`` of the same size as ``image``.
+        A new RGB ``PIL.Image`` of the same size as ``image`` (wider with ``colorbar``); its ``info`` holds
+        the range used, ``info["vmin"]`` and ``info["vmax"]``.
     """
+    if scale not in SCALES:
+        raise ValueError(f"scale: expected one of {SCALES}, got {scale!r}")
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha: expected an opacity in [0, 1], got {alpha}")
     grid = token_grid(
@@ -325,8 +335,9 @@ def score_heatmap(
     lookup[scored_positions] = values
     cell_scores = lookup[grid].numpy().astype(np.float64)
     finite = np.isfinite(cell_scores)
-    low = vmin if vmin is not None else (float(cell_scores[finite].min()) if finite.any() else 0.0)
-    high = vmax if vmax is not None else (float(cell_scores[finite].max()) if finite.any() else 1.0)
+    low, high = _score_range(cell_scores[finite], scale)
+    low = float(vmin) if vmin is not None else low
+    high = float(vmax) if vmax is not None else high
     span = high - low
     normalised = np.where(finite, (cell_scores - low) / span if span > 0 else 1.0, 0.0)
     normalised = np.clip(normalised, 0.0, 1.0)
@@ -344,4 +355,64 @@ def score_heatmap(
         colour = _parse_colour(outline, "outline")
         width_px = line_width if line_width is not None else _auto_line_width(height, width, rows, cols)
         out[_border_pixels(height, width, ys, xs, y_bounds, x_bounds, kept, width_px)] = colour
-    return Image.fromarray(np.ascontiguousarray(out), mode="RGB")
+    picture = Image.fromarray(np.ascontiguousarray(out), mode="RGB")
+    if colorbar:
+        finite_scores = cell_scores[finite]
+        picture = _with_colorbar(
+            picture, _colour_map(cmap), low, high,
+            clipped_low=bool(finite_scores.size and finite_scores.min() < low),
+            clipped_high=bool(finite_scores.size and finite_scores.max() > high),
+        )
+    picture.info["vmin"], picture.info["vmax"] = low, high
+    return picture
+
+
+#: the ways :func:`score_heatmap` sets its default score range
+SCALES = ("robust", "minmax")
+ROBUST_PERCENTILES = (5.0, 95.0)
+
+
+def _score_range(finite_scores: np.ndarray, scale: str) -> tuple[float, float]:
+    if finite_scores.size == 0:
+        return 0.0, 1.0
+    if scale == "robust":
+        # scores that occur (no interpolation towards an outlier): with 16 cells, the 95th percentile is the 2nd largest
+        low = np.percentile(finite_scores, ROBUST_PERCENTILES[0], method="higher")
+        high = np.percentile(finite_scores, ROBUST_PERCENTILES[1], method="lower")
+        if high > low:
+            return float(low), float(high)
+    return float(finite_scores.min()), float(finite_scores.max())
+
+
+def _format_score(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _with_colorbar(picture: Image.Image, colour_map, low: float, high: float, *, clipped_low: bool,
+                   clipped_high: bool) -> Image.Image:
+    """``picture`` with a vertical colour bar (``high`` at the top) and its range written next to it."""
+    from PIL import ImageDraw, ImageFont
+
+    height = picture.height
+    font = ImageFont.load_default()
+    labels = [(">= " if clipped_high else "") + _format_score(high), _format_score((low + high) / 2),
+              ("<= " if clipped_low else "") + _format_score(low)]
+    draw_probe = ImageDraw.Draw(picture)
+    text_width = max(int(draw_probe.textlength(label, font=font)) for label in [*labels, "score"])
+    bar_width, margin = max(10, height // 20), max(4, height // 60)
+    canvas = Image.new("RGB", (picture.width + 3 * margin + bar_width + text_width, height), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    top, bottom = margin + 12, height - margin
+    ramp = np.linspace(1.0, 0.0, max(1, bottom - top))
+    column = np.clip(np.rint(colour_map(ramp) * 255.0), 0, 255).astype(np.uint8)  # (n, 3)
+    bar = np.repeat(column[:, None, :], bar_width, axis=1)
+    left = picture.width + margin
+    canvas.paste(Image.fromarray(np.ascontiguousarray(bar), mode="RGB"), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([left - 1, top - 1, left + bar_width, bottom], outline=(0, 0, 0))
+    draw.text((left, 0), "score", fill=(0, 0, 0), font=font)
+    text_x = left + bar_width + margin
+    for label, y in zip(labels, (top, (top + bottom) // 2, bottom)):
+        draw.line([left + bar_width, y, left + bar_width + margin // 2, y], fill=(0, 0, 0))
+        draw.text((text_x, min(max(0, y - 6), height - 12)), label, fill=(0, 0, 0), font=font)
+    return canvas

@@ -115,7 +115,8 @@ def test_compare_json_matches_direct_generate(capsys, model_dir, image_path, tmp
     assert "prefill is not expected to be faster in post-prefill mode" in notes
     assert "timing on a 48-visual-token input is noise-dominated" in notes and "docs/benchmarks.md" in notes
     assert "2 timed pairs give no meaningful spread" in notes
-    assert Image.open(heatmap).size == (224, 168)
+    width, height = Image.open(heatmap).size
+    assert height == 168 and width > 224  # the heat map at the image's size, its colour bar on the right
 
     # the answers are those of plain generate calls on the same inputs, at --max-new-tokens
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa")
@@ -195,7 +196,7 @@ def test_timing_notes_in_plain_words():
     notes = cli.timing_notes(ratios, mode="post-prefill", visual_tokens=64, control=False, repeats=1)
     assert notes[0].startswith("prefill is not expected to be faster in post-prefill mode")
     assert any(n.startswith("timing on a 64-visual-token input is noise-dominated") for n in notes)
-    assert notes[-1] == "1 timed pair give no meaningful spread; use --repeats 5 or more"
+    assert notes[-1] == "1 timed pair gives no meaningful spread; use --repeats 5 or more"
     notes = cli.timing_notes(ratios, mode="post-prefill", visual_tokens=4096, control=True, repeats=5)
     assert notes == [notes[0]] and "control" in notes[0] and "not a speed-up" in notes[0]
 
@@ -451,9 +452,16 @@ ERRORS = [
     (["--keep-ratio", "0.5", "--keep-tokens", "3"], 2, "not allowed with"),
     (["--scorer", "nope"], 2, "invalid choice"),
     (["--device", "tpu9"], 1, "--device"),
-    (["--model", "{model}", "--schedule", "sparsevlm"], 1, "schedule: a progressive schedule prunes inside"),
-    (["--model", "{model}", "--adaptive-scale", "1", "--scorer", "fastv"], 1, "adaptive_scale: the rank-based"),
-    (["--adaptive-scale", "-1"], 2, "--adaptive-scale: expected a number > 0"),
+    (["--model", "{model}", "--schedule", "sparsevlm"], 1, "--schedule sparsevlm prunes inside the prefill; add --mode in-prefill"),
+    (["--model", "{model}", "--mode", "in-prefill", "--schedule", "sparsevlm", "--keep-tokens", "3"], 1,
+     "pass --keep-ratio instead of --keep-tokens"),
+    (["--model", "{model}", "--mode", "in-prefill", "--schedule", "sparsevlm", "--scoring-layer", "1"], 1,
+     "leave --scoring-layer out"),
+    (["--model", "{model}", "--adaptive-scale", "0.5", "--scorer", "fastv"], 1, "--adaptive-scale needs the raters'"),
+    (["--adaptive-scale", "-1"], 2, "--adaptive-scale: expected a number in (0, 1)"),
+    (["--adaptive-scale", "inf"], 2, "--adaptive-scale: expected a number in (0, 1)"),
+    (["--adaptive-scale", "nan"], 2, "--adaptive-scale: expected a number in (0, 1)"),
+    (["--adaptive-scale", "1"], 2, "--adaptive-scale: expected a number in (0, 1)"),
 ]
 
 
@@ -484,3 +492,166 @@ def test_debug_shows_the_traceback(capsys, bad_files, model_dir):
     code, _, err = run(capsys, "--model", model_dir, "--image", f"{bad_files}/missing.jpg", "--debug")
     assert code == 1
     assert "Traceback" in err and err.rstrip().endswith(f"--image: no such file: {bad_files}/missing.jpg")
+
+
+# --------------------------------------------------------------------------- flags checked before the model loads
+
+
+def test_schedule_below_what_the_models_depth_allows_says_what_to_pass(capsys, monkeypatch):
+    """The bundled 4-layer model computes every visual token in layer 0, so the default 0.25 cannot be the layer
+    average of a progressive schedule: one line naming the flags and a value that works, before the weights load."""
+    from sparse_cache import toy
+
+    monkeypatch.setattr(toy, "load_toy_vlm", lambda *a, **k: pytest.fail("the weights were loaded"))
+    code, out, err = run(capsys, "--mode", "in-prefill", "--schedule", "sparsevlm")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert "--keep-ratio 0.25 (the default)" in err and "above 0.250" in err
+    suggestion = re.search(r"pass e\.g\. --keep-ratio ([0-9.]+)", err)
+    assert suggestion, err
+    monkeypatch.undo()
+    code, out, err = run(capsys, "--mode", "in-prefill", "--schedule", "sparsevlm", "--keep-ratio",
+                         suggestion.group(1), "--max-new-tokens", "2")
+    assert code == 0, err
+    report = fields(out)
+    kept = int(report["visual tokens"].split()[0])
+    assert 0 < kept < 64
+    assert report["schedule"].startswith("visual tokens kept ") and f"{kept} after layer 2" in report["schedule"]
+
+
+def test_an_unreachable_hub_is_one_line_without_retries(capsys, monkeypatch):
+    """A Hub id with no network: one line at once, not the Hub client's retry lines and backoff."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    code, out, err = run(capsys, "--model", "nobody-here/no-such-model-xyz")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert "--model: cannot reach the Hugging Face Hub at http://127.0.0.1:9" in err
+    assert "Retrying" not in err
+
+
+def test_flag_names_known_without_the_library_match_the_library():
+    """--help is built without importing torch: its scorer, mode and family lists must be the library's."""
+    from sparse_cache.cache import MODES
+    from sparse_cache.presets import supported_families_text
+    from sparse_cache.scorers import SCORERS
+
+    assert cli.SCORER_NAMES == tuple(sorted(SCORERS))
+    assert cli.MODES == MODES
+    assert cli.FAMILIES_TEXT == supported_families_text()
+    assert set(cli.ADAPTIVE_SCORERS) == {n for n, s in SCORERS.items() if getattr(s, "provides_rater_attention", False)}
+
+
+FAST_PATHS = [
+    ["--version"],
+    ["--help"],
+    ["generate", "--help"],
+    ["generate", "--keep-ratio", "2"],
+    ["generate", "--adaptive-scale", "inf"],
+    ["generate", "--scorer", "nope"],
+    ["generate", "--image", "/no/such/file.jpg"],
+    ["generate", "--schedule", "sparsevlm"],
+    [],
+]
+
+
+@pytest.mark.parametrize("argv", FAST_PATHS, ids=[" ".join(a) or "(none)" for a in FAST_PATHS])
+def test_help_version_and_argument_errors_answer_without_torch(argv):
+    """``python -m sparse_cache`` answers these without importing torch or transformers, in well under a second
+    (asserted with a generous margin for a loaded machine)."""
+    code = (
+        "import sys, time\n"
+        "start = time.perf_counter()\n"
+        "from sparse_cache.cli import main\n"
+        f"status = main({argv!r})\n"
+        "elapsed = time.perf_counter() - start\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
+        "print('RESULT', status, elapsed, ','.join(heavy) or '-', file=sys.stderr)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    result = [line for line in proc.stderr.splitlines() if line.startswith("RESULT ")]
+    assert result, proc.stderr
+    _, status, elapsed, heavy = result[-1].split()
+    assert heavy == "-", f"imported {heavy}"
+    assert float(elapsed) < 5.0
+    assert int(status) == (0 if "--help" in argv or "--version" in argv else 1 if "--image" in argv or "--schedule" in argv else 2)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("RESULT ")]
+    if int(status):
+        assert len(errors) == 1 and errors[0].startswith("sparse-cache"), proc.stderr
+
+
+def test_python_m_sparse_cache_version_is_fast():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sparse_cache", "--version"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"sparse-cache {sparse_cache.__version__}"
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not {"torch", "transformers"} & imported
+
+
+def test_toy_answers_are_words_and_off_task_inputs_are_flagged(capsys):
+    """A repeated toy answer reads ``yes no no``, not ``yesnono``; a prompt outside the toy task gets a note."""
+    from sparse_cache.toy import load_toy_vlm
+
+    _, processor = load_toy_vlm()
+    ids = [processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no", "no")]
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert cli.toy_answer_text(processor, ids + [end]) == "yes no no"
+    assert cli.toy_input_note(False, "is there a red cell ?") is None
+    assert "another prompt" in cli.toy_input_note(False, "Describe this image.")
+    assert "another image and prompt" in cli.toy_input_note(True, "Describe this image.")
+    code, out, err = run(capsys, "--prompt", "Describe this image.", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert "only answers 'is there a <colour> cell ?'" in fields(out)["note"]
+
+
+# --------------------------------------------------------------------------- sparse-cache-bench's front door
+
+
+def test_bench_checks_matplotlib_before_the_work(capsys, monkeypatch):
+    from sparse_cache import bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "not installed"
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--model", "tiny", "--visual-tokens", "16", "--no-progress"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib" in err and "--no-plots" in err
+
+
+def test_profiler_chatter_is_kept_off_stderr():
+    """The torch profiler's native start/stop lines would break the bench's progress bar; other lines pass."""
+    code = (
+        "import os, re, sys\n"
+        "from sparse_cache.bench import _native_stderr_filtered, _PROFILER_CHATTER\n"
+        "with _native_stderr_filtered(_PROFILER_CHATTER):\n"
+        "    os.write(2, b'USDT:2026 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\\n')\n"
+        "    os.write(2, b'a real warning\\n')\n"
+        "sys.stderr.write('after\\n')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["a real warning", "after"]
+
+
+def test_prefill_time_includes_the_vision_tower_on_every_transformers(model_dir, image_path, monkeypatch):
+    """One definition of the prefill: vision tower + the first forward, whether this transformers runs the vision
+    tower inside the first forward (older) or just before it (newer)."""
+    import time as time_module
+
+    loaded = cli.load_model(model_dir, cli._resolve_device("cpu"), cli._resolve_dtype("float32", None, False), "sdpa")
+    inputs = _chat_inputs(loaded.processor, cli.load_image(image_path), PROMPT)
+    vision = cli.vision_tower(loaded.model)
+    assert vision is not None
+    slow = 0.3
+    original = vision.forward
+
+    def slow_forward(*args, **kwargs):
+        time_module.sleep(slow)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vision, "forward", slow_forward)
+    _, timing = cli.timed_generate(loaded.model, inputs, 2, cli._resolve_device("cpu"))
+    assert timing.prefill_s >= slow

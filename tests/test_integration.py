@@ -9,6 +9,7 @@ import transformers
 from oracles import GREEDY, feed, masked_full_cache
 
 import sparse_cache
+import sparse_cache.auto as sparse_cache_auto
 from sparse_cache import PrunableDynamicCache, testing
 
 NEW = 4
@@ -57,7 +58,7 @@ def test_enable_prunes_every_generate_and_disable_restores(processor, single_inp
             super().__init__(*args, **kwargs)
             created.append(self)
 
-    monkeypatch.setattr(sparse_cache.auto, "PrunableDynamicCache", Recording)
+    monkeypatch.setattr(sparse_cache_auto, "PrunableDynamicCache", Recording)
     sparse_cache.enable(model, keep_ratio=0.25)
     assert sparse_cache.is_enabled(model)
     created.clear()
@@ -102,7 +103,7 @@ def test_pipeline_prunes_each_call(processor, monkeypatch):
             super().__init__(*args, **kwargs)
             created.append(self)
 
-    monkeypatch.setattr(sparse_cache.auto, "PrunableDynamicCache", Recording)
+    monkeypatch.setattr(sparse_cache_auto, "PrunableDynamicCache", Recording)
     args = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, return_full_text=False)
     with sparse_cache.pruning(model, keep_ratio=0.25):
         created.clear()

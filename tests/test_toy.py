@@ -270,3 +270,66 @@ def test_quality_refuses_a_cache_that_pruned_nothing(toy, monkeypatch, capsys, t
     errors = [line for line in err.splitlines() if "error" in line]  # (err also holds the weight-loading bar)
     assert len(errors) == 1 and "Traceback" not in err, err
     assert errors[0].startswith("python -m sparse_cache.toy.quality: error: nothing was pruned with transformers ")
+
+
+# --------------------------------------------------------------------------- default output paths
+
+
+def _tree_digest(root):
+    import hashlib
+
+    digest = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                digest[os.path.relpath(path, root)] = hashlib.sha256(handle.read()).hexdigest()
+    return digest
+
+
+def test_the_docs_quality_command_leaves_the_committed_results_alone(tmp_path, monkeypatch, capsys):
+    """``python -m sparse_cache.toy.quality`` as docs/toy-vlm.md shows it, run from a copy of the repository root:
+    nothing under benchmarks/ changes, the report goes to the scratch folder, and a second run refuses to
+    overwrite it without --force (before any work)."""
+    import shutil
+
+    shutil.copytree(os.path.join(REPO, "benchmarks"), tmp_path / "benchmarks")
+    before = _tree_digest(tmp_path / "benchmarks")
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--samples", "2", "--scorers", "random", "--keep-ratios", "0.5", "--protocols", "single",
+            "--batch-size", "2", "--no-progress"]
+    assert quality.main(tiny) == 0
+    assert _tree_digest(tmp_path / "benchmarks") == before
+    out_dir = tmp_path / quality.DEFAULT_OUT_DIR
+    assert sorted(os.listdir(out_dir)) == ["quality.json", "quality.md", "quality.png"]
+    capsys.readouterr()
+    monkeypatch.setattr(quality, "load_toy_vlm", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(SystemExit) as refused:
+        quality.main(tiny)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds" in err and "--force" in err
+    with pytest.raises(SystemExit):
+        quality.main(tiny + ["--out-dir", "benchmarks/quality"])  # the committed results: refused too
+    assert _tree_digest(tmp_path / "benchmarks") == before
+
+
+def test_training_never_writes_over_the_shipped_checkpoint(tmp_path, capsys):
+    from sparse_cache.toy import train
+
+    before = _tree_digest(TOY_VLM_PATH)
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--out", TOY_VLM_PATH, "--steps", "1", "--no-progress"])
+    assert refused.value.code == 2 and "shipped toy VLM" in capsys.readouterr().err
+    relative = os.path.relpath(TOY_VLM_PATH)  # the spelling the docs used to show
+    with pytest.raises(SystemExit):
+        train.main(["--out", relative, "--steps", "1", "--no-progress"])
+    with pytest.raises(FileExistsError):
+        train.train(train.TrainConfig(steps=1), TOY_VLM_PATH, progress=False)
+    assert _tree_digest(TOY_VLM_PATH) == before
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--steps", "1", "--no-progress"])
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    described = train.machine_description()
+    assert described["machine"] and "torch_threads" in described

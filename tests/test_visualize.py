@@ -242,3 +242,32 @@ def test_overlay_of_a_pruned_qwen3_vl_call():
     overlay = kept_overlay(image, kept, inputs["input_ids"], inputs["image_grid_thw"], config.image_token_id,
                            merge_size=merge, dim=DIM, line_width=1)
     check_cells(image, overlay, 3, 5, cells)
+
+
+def test_heatmap_scale_is_robust_to_one_outlier_and_has_a_colour_bar(processor, ids):
+    """One huge score (attention often has one) must not squash every other cell to the bottom of the map."""
+    image = noise_image(112, 112, seed=7)
+    inputs = testing.make_inputs(processor, ["what is in the picture?"], [[image]])
+    args = (inputs["input_ids"], inputs["image_grid_thw"], ids[0])
+    scores = torch.arange(16, dtype=torch.float32)
+    scores[15] = 1e6  # the outlier
+    robust = score_heatmap(image, scores, *args, alpha=1.0, cmap=red_blue, outline=None)
+    minmax = score_heatmap(image, scores, *args, alpha=1.0, cmap=red_blue, outline=None, scale="minmax")
+    assert robust.info["vmax"] < 1e6 == minmax.info["vmax"]
+
+    def red_of(picture, k):
+        y0, y1, x0, x1 = cell_box(k // 4, k % 4, 4, 4, 112, 112)
+        return int(np.asarray(picture)[y0:y1, x0:x1, 0].mean())
+
+    assert red_of(minmax, 14) == 0  # min-max: score 14 looks exactly like score 0
+    assert red_of(robust, 14) > 200 and red_of(robust, 1) < 50  # robust: the ranks show
+    assert red_of(robust, 15) == 255  # the outlier is clipped to the top colour
+    with pytest.raises(ValueError, match="scale"):
+        score_heatmap(image, scores, *args, scale="log")
+    # the colour bar: the heat map keeps its pixels, a bar with the range is appended on the right
+    barred = score_heatmap(image, scores, *args, alpha=1.0, cmap=red_blue, outline=None, colorbar=True)
+    assert barred.height == image.height and barred.width > image.width
+    assert np.array_equal(np.asarray(barred)[:, :112], np.asarray(robust))
+    strip = np.asarray(barred)[:, 112:]
+    assert (strip[..., 0] > 200).any() and (strip[..., 2] > 200).any()  # both ends of the ramp are drawn
+    assert barred.info["vmin"] == robust.info["vmin"]

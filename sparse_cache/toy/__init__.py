@@ -8,9 +8,10 @@
 
 The task (:mod:`sparse_cache.toy.task`): an 8x8 board of 28-px cells (224 x 224 px, 64 visual tokens,
 the ``k``-th image token is cell ``k`` row-major), 8-12 cells coloured from a 12-colour palette, and the
-question "is there a <colour> cell ?". The checkpoint in :data:`TOY_VLM_PATH` was trained by
-``python -m sparse_cache.toy.train --out DIR --seed 0``; ``python -m sparse_cache.toy.quality`` is the
-quality benchmark of every pruning method on it. See ``docs/toy-vlm.md``.
+question "is there a <colour> cell ?". The checkpoint in :data:`TOY_VLM_PATH` was trained with the recipe of
+``python -m sparse_cache.toy.train --out DIR --seed 0`` (which never writes over it without ``--force``);
+``python -m sparse_cache.toy.quality`` is the quality benchmark of every pruning method on it (written to
+``./toy_quality`` by default). See ``docs/toy-vlm.md``.
 
 Importing this package registers the ``TinyQwen2_5_VLProcessor`` class (no torchvision needed) with
 ``AutoProcessor``, so ``AutoProcessor.from_pretrained(TOY_VLM_PATH)`` works afterwards.

@@ -1,6 +1,10 @@
 """Quality benchmark of every pruning method on the toy VLM::
 
-    python -m sparse_cache.toy.quality [--samples 200] [--out-dir benchmarks/quality]
+    python -m sparse_cache.toy.quality [--samples 200] [--out-dir toy_quality] [--force]
+
+The default ``--out-dir`` is ``toy_quality`` in the current folder (scratch, not the committed results); existing
+report files are never overwritten without ``--force`` (the committed results in ``benchmarks/quality`` are
+refreshed with ``--out-dir benchmarks/quality --force``).
 
 For each scorer and keep ratio it reports the answer accuracy and the share of the queried cells that
 the pruned cache kept (the ``k``-th image token is cell ``k``, row-major), under three protocols:
@@ -23,6 +27,7 @@ the model with a plain ``DynamicCache``; every scorer's ``keep_ratio=1.0`` equal
 
 Writes ``quality.md`` (tables), ``quality.json`` (every number and the settings) and ``quality.png``.
 """
+
 
 from __future__ import annotations
 
@@ -64,6 +69,9 @@ __all__ = [
 ]
 
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
+#: default --out-dir: a scratch folder in the current one, never the committed benchmarks/quality
+DEFAULT_OUT_DIR = "toy_quality"
+REPORT_FILES = {"markdown": "quality.md", "json": "quality.json", "plot": "quality.png"}
 #: protocol name -> what it measures (the tables' captions)
 PROTOCOLS = {
     "single": "(a) one question, pruned after the prefill (leaks: the question's cache entries saw the whole image)",
@@ -505,15 +513,24 @@ def plot_report(report: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict, out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
-    """Write ``quality.md``, ``quality.json`` and (if ``plot``) ``quality.png`` to ``out_dir``."""
+def existing_report_files(out_dir: str | Path, plot: bool = True) -> list[Path]:
+    """The report files :func:`write_report` would overwrite in ``out_dir``."""
+    names = [n for k, n in REPORT_FILES.items() if plot or k != "plot"]
+    return [Path(out_dir) / name for name in names if (Path(out_dir) / name).exists()]
+
+
+def write_report(report: dict, out_dir: str | Path, plot: bool = True, force: bool = True) -> dict[str, Path]:
+    """Write ``quality.md``, ``quality.json`` and (if ``plot``) ``quality.png`` to ``out_dir``; with
+    ``force=False``, ``FileExistsError`` instead of overwriting any of them."""
     out_dir = Path(out_dir)
+    if not force and existing_report_files(out_dir, plot):
+        raise FileExistsError(f"{out_dir} already holds a quality report; pass force=True to overwrite it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out_dir / "quality.md", "json": out_dir / "quality.json"}
+    paths = {"markdown": out_dir / REPORT_FILES["markdown"], "json": out_dir / REPORT_FILES["json"]}
     paths["markdown"].write_text(markdown_report(report))
     paths["json"].write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     if plot:
-        paths["plot"] = out_dir / "quality.png"
+        paths["plot"] = out_dir / REPORT_FILES["plot"]
         plot_report(report, paths["plot"])
     return paths
 
@@ -540,7 +557,10 @@ def main(argv=None) -> int:
     parser.add_argument("--protocols", type=lambda v: _csv(v), default=None, help=f"subset of {','.join(PROTOCOLS)}")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped toy VLM)")
-    parser.add_argument("--out-dir", default="benchmarks/quality")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                        help=f"folder for quality.md/.json/.png (default {DEFAULT_OUT_DIR}, in the current folder)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite a report already in --out-dir (e.g. to refresh benchmarks/quality)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: these small ops gain nothing from more, and lose a lot "
                              "when the cores are shared)")
@@ -550,6 +570,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads < 1:
         parser.error(f"--threads: must be >= 1, got {args.threads}")
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("the plot needs matplotlib (pip install 'sparse-cache[bench]'), or pass --no-plot")
+    existing = existing_report_files(args.out_dir, plot=not args.no_plot)
+    if existing and not args.force:  # before the run, not after minutes of work
+        parser.error(f"--out-dir {args.out_dir} already holds {', '.join(p.name for p in existing)}; pass --force to "
+                     "overwrite, or another --out-dir")
     torch.set_num_threads(args.threads)
     model, processor = load_toy_vlm(path=args.checkpoint)
     try:
