@@ -1185,10 +1185,18 @@ def format_markdown(result: BenchResult) -> str:
         f"{s['scorer']} ({s['mode']}); medians of {s['repeats']} interleaved repeats after {s['warmup']} warm-up; "
         f"{_timer_text(s, env)}; {env['date_utc']}.",
         "",
-        "| config | kept visual/row | KV MiB after prefill | prefill ms | vision ms | score ms (% base prefill) "
-        "| compact ms (% prefill) | decode ms/token | bytes model ms/token | measured/model | measured/model, KV x3 "
-        "| end-to-end s | peak MiB | prefill FLOPs model |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Speed (ratios against the baseline of this run):",
+        "",
+        "| config | kept visual/row | prefill ms | vision ms | decode ms/token | end-to-end s | prefill FLOPs model |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    memory = [
+        "",
+        "Memory, overheads and the decode bytes model:",
+        "",
+        "| config | KV MiB after prefill | peak MiB | score ms (% base prefill) | compact ms (% prefill) "
+        "| bytes model ms/token | measured/model | measured/model, KV x3 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result.rows:
         score = "-" if row["score_s"] is None else f"{_fmt_ms(row['score_s'])} ({row['score_pct_of_base_prefill']:.2f}%)"
@@ -1200,16 +1208,19 @@ def format_markdown(result: BenchResult) -> str:
             "n/a" if row[key] is None else f"{row[key]:.3f}"
             for key in ("decode_measured_over_model", "decode_measured_over_model_kv3")
         )
+        flops = row.get("flops_model_prefill_vs_base")
         lines.append(
-            f"| {row['config']} | {kept_text} | {_fmt_mib(row['kv_bytes_prefill'])}{_fmt_ratio(row['kv_vs_base'])} "
+            f"| {row['config']} | {kept_text} "
             f"| {_fmt_ms(row['prefill_s'])}{_fmt_ratio(row['prefill_vs_base'])} | {_fmt_ms(row['vision_s'])} "
-            f"| {score} | {compact} "
             f"| {_fmt_ms(row['decode_per_token_s'])}{_fmt_ratio(row['decode_per_token_vs_base'])} "
-            f"| {_fmt_ms(row['bytes_model_decode_per_token_s'])} | {measured_over_model} | {measured_over_kv3} "
-            f"| {e2e}{_fmt_ratio(row['e2e_vs_base'])} "
-            f"| {_fmt_mib(row['peak_mem_bytes'])}{_fmt_ratio(row['peak_mem_vs_base'])} "
-            f"| {'n/a' if row.get('flops_model_prefill_vs_base') is None else format(row['flops_model_prefill_vs_base'], '.3f')} |"
+            f"| {e2e}{_fmt_ratio(row['e2e_vs_base'])} | {'n/a' if flops is None else format(flops, '.3f')} |"
         )
+        memory.append(
+            f"| {row['config']} | {_fmt_mib(row['kv_bytes_prefill'])}{_fmt_ratio(row['kv_vs_base'])} "
+            f"| {_fmt_mib(row['peak_mem_bytes'])}{_fmt_ratio(row['peak_mem_vs_base'])} | {score} | {compact} "
+            f"| {_fmt_ms(row['bytes_model_decode_per_token_s'])} | {measured_over_model} | {measured_over_kv3} |"
+        )
+    lines += memory
     lines.append("")
     controls = [row["config"] for row in result.rows if row.get("control")]
     if controls:
