@@ -9,7 +9,7 @@ from oracles import GREEDY, assert_pruned, masked_decode_logits
 
 from sparse_cache import PrunableDynamicCache, testing
 from sparse_cache.scorers import SCORERS, ScoringContext, get_scorer
-from sparse_cache.scorers.cdpruner import conditional_kernel, greedy_dpp_order, min_max
+from sparse_cache.scorers.cdpruner import conditional_features, conditional_kernel, greedy_dpp_order, min_max
 from sparse_cache.scorers.dart import duplication_order
 from sparse_cache.scorers.divprune import max_min_order, visual_block_ranges
 from sparse_cache.scorers.uniform import UniformScorer, stride_order
@@ -206,10 +206,12 @@ def test_cdpruner_greedy_matches_brute_force_log_det(seed):
     features = torch.randn(7, 4, generator=gen, dtype=torch.float64)
     relevance = torch.rand(7, generator=gen, dtype=torch.float64)
     kernel = conditional_kernel(features, relevance)
-    order = greedy_dpp_order(kernel).tolist()
+    order = greedy_dpp_order(conditional_features(features, relevance)).tolist()  # never builds the kernel
     assert len(order) == 4  # rank of the kernel: the embedding size
     assert order == brute_force_greedy(kernel, 4)
-    assert greedy_dpp_order(kernel, max_picks=2).tolist() == order[:2]
+    assert greedy_dpp_order(conditional_features(features, relevance), max_picks=2).tolist() == order[:2]
+    # float32 (the compute dtype of float32/bf16 embeddings): same picks, same rank detection
+    assert greedy_dpp_order(conditional_features(features.float(), relevance.float())).tolist() == order
 
 
 def test_cdpruner_scores_follow_the_conditional_dpp():
@@ -250,7 +252,7 @@ def test_cdpruner_prefers_a_relevant_distinct_token_over_a_duplicate():
 def test_cdpruner_without_question_is_pure_diversity():
     points = unit_circle([0, 30, 90, 200, 210])
     scores = get_scorer("cdpruner").score(make_context(points))[0]
-    picks = greedy_dpp_order(conditional_kernel(points, torch.ones(5))).tolist()
+    picks = greedy_dpp_order(conditional_features(points, torch.ones(5))).tolist()
     assert picks == brute_force_greedy(conditional_kernel(points.double(), torch.ones(5)), 2)  # rank 2: planar points
     assert torch.argsort(scores, descending=True)[:2].tolist() == picks
 

@@ -17,6 +17,10 @@ Per image (or video) of a row, on the decoder input embeddings:
 Scores encode the greedy order (first picked = highest), so the top-k per image is the first k picks for
 any budget. Once the kernel is exhausted (its rank is at most the embedding size; tokens with ``r = 0``
 never add volume), the remaining tokens follow by decreasing relevance.
+
+The kernel is never built: ``L = F F^T`` with ``F = diag(r) U`` (``U`` the unit embeddings), and the fast
+greedy MAP update keeps only the ``k x n`` Cholesky rows and the ``n``-vector of residual gains
+(``k <= D`` picks), in float32, without a host sync per pick.
 """
 
 from __future__ import annotations
@@ -25,47 +29,76 @@ import torch
 
 from .base import Scorer, ScoringContext
 from .cosine import question_relevance
-from .divprune import order_to_scores, visual_block_ranges
+from .divprune import compute_dtype, order_to_scores, visual_block_ranges
 
 
-def greedy_dpp_order(kernel: torch.Tensor, max_picks: int | None = None, eps: float = 1e-10) -> torch.Tensor:
-    """Greedy MAP order of a DPP with PSD ``kernel`` ``(n, n)``, by incremental Cholesky.
+#: relative stopping threshold of the greedy MAP per compute dtype: a token whose residual gain is at most
+#: ``eps * max(diag(L))`` adds no volume. Float32 rounding leaves residuals of order ``1e-7 * sqrt(steps)``
+#: where exact arithmetic gives 0 (duplicates, an exhausted rank), hence the larger float32 value.
+STOP_EPS = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def greedy_dpp_order(features: torch.Tensor, max_picks: int | None = None, eps: float | None = None) -> torch.Tensor:
+    """Greedy MAP order of the DPP with kernel ``L = F F^T``, ``F = features`` ``(n, D)``.
 
     Step ``t`` picks ``argmax_j det(L[Y + j]) / det(L[Y])`` (= the residual ``d_j^2`` of ``j`` after
     projecting out the picked tokens), ties to the earlier token; it stops when ``max_picks`` tokens are
-    picked or the best residual is at most ``eps * max(diag(L))``. Computed in float64.
+    picked or the best residual is at most ``eps * max(diag(L))`` (``STOP_EPS`` of the compute dtype when
+    ``eps`` is None).
+
+    Fast greedy MAP (Chen et al., 2018) without the kernel: each step computes the picked token's kernel
+    row ``F f_pick`` (``O(nD)``), its Cholesky coefficients on the earlier picks, and updates the
+    ``n``-vector of residual gains. Memory: the ``k x n`` Cholesky rows and a few ``n``-vectors, never
+    ``n x n``. Computed in float32 (float64 input kept as is); no host synchronisation inside the loop
+    (the steps after the stop are computed but masked out; one sync at the end reads the picks).
 
     Returns:
-        LongTensor of the picked tokens, in order (possibly fewer than ``n``).
+        LongTensor of the picked tokens, in order (possibly fewer than ``max_picks``).
     """
-    n = kernel.shape[0]
+    n = features.shape[0]
     limit = n if max_picks is None else min(n, max_picks)
     if limit == 0:
-        return torch.zeros(0, dtype=torch.long, device=kernel.device)
-    kernel = kernel.double()
-    residual = torch.diagonal(kernel).clone()  # d_j^2
-    threshold = eps * float(residual.max().clamp_min(0))
-    factors = kernel.new_zeros(n, limit)  # row j: Cholesky coefficients of token j on the picks
-    available = torch.ones(n, dtype=torch.bool, device=kernel.device)
-    picks = []
+        return torch.zeros(0, dtype=torch.long, device=features.device)
+    dtype = compute_dtype(features.dtype)
+    f = features.to(dtype)
+    eps = STOP_EPS.get(dtype, 1e-5) if eps is None else eps
+    residual = f.square().sum(dim=-1)  # d_j^2 = diag(L) before any pick
+    threshold = eps * residual.max().clamp_min(0)
+    factors = f.new_zeros(limit, n)  # row t: Cholesky coefficient of every token on pick t
+    picks = torch.zeros(limit, dtype=torch.long, device=f.device)
+    valid = torch.zeros(limit, dtype=torch.bool, device=f.device)
+    alive = torch.ones(1, dtype=torch.bool, device=f.device)
+    zero = f.new_zeros(())
     for step in range(limit):
-        gains = residual.masked_fill(~available, float("-inf"))
-        pick = int(torch.argmax(gains))
-        if not float(gains[pick]) > threshold:
-            break
-        picks.append(pick)
-        column = (kernel[pick] - factors[:, :step] @ factors[pick, :step]) / gains[pick].sqrt()
-        factors[:, step] = column
-        residual = residual - column.square()
-        available[pick] = False
-    return torch.tensor(picks, dtype=torch.long, device=kernel.device)
+        pick = torch.argmax(residual).view(1)  # picked tokens hold -inf
+        gain = residual.index_select(0, pick)
+        alive = alive & (gain > threshold)
+        valid[step : step + 1] = alive
+        picks[step : step + 1] = pick
+        row = f @ f.index_select(0, pick)[0]  # L[pick, :]
+        if step:
+            row = row - factors[:step].T @ factors[:step].index_select(1, pick)[:, 0]
+        column = torch.where(alive, row / gain.clamp_min(torch.finfo(dtype).tiny).sqrt(), zero)
+        factors[step] = column
+        residual.sub_(column.square())
+        residual.index_fill_(0, pick, float("-inf"))
+    return picks[valid]
+
+
+def conditional_features(visual_embeds: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """``F = diag(r) U`` with ``U`` the unit rows of ``visual_embeds`` ``(n, D)``: the kernel is ``F F^T``.
+
+    In the compute dtype (float32, or float64 input kept as is).
+    """
+    dtype = compute_dtype(visual_embeds.dtype)
+    unit = torch.nn.functional.normalize(visual_embeds.to(dtype), dim=-1)
+    return relevance.to(dtype)[:, None] * unit
 
 
 def conditional_kernel(visual_embeds: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """``diag(r) S diag(r)`` with ``S`` the cosine similarity of ``visual_embeds`` ``(n, D)``."""
-    unit = torch.nn.functional.normalize(visual_embeds.double(), dim=-1)
-    r = relevance.double()
-    return r[:, None] * (unit @ unit.T) * r[None, :]
+    """``diag(r) S diag(r)`` ``(n, n)``, ``S`` the cosine similarity: a reference for tests, not used when scoring."""
+    features = conditional_features(visual_embeds.double(), relevance.double())
+    return features @ features.T
 
 
 def min_max(values: torch.Tensor) -> torch.Tensor:
@@ -95,7 +128,7 @@ class CDPrunerScorer(Scorer):
                     relevance = min_max(question_relevance(block, embeds[text.to(embeds.device)]))
                 else:
                     relevance = torch.ones(end - start, dtype=torch.float32, device=embeds.device)
-                picks = greedy_dpp_order(conditional_kernel(block, relevance), max_picks=block.shape[-1])
+                picks = greedy_dpp_order(conditional_features(block, relevance), max_picks=block.shape[-1])
                 rest = torch.ones(end - start, dtype=torch.bool, device=embeds.device)
                 rest[picks] = False
                 rest_idx = torch.nonzero(rest, as_tuple=False).flatten()

@@ -9,6 +9,10 @@ text-agnostic.
 Scores encode the greedy order (first picked = highest score), so the per-image top-k of
 :func:`~sparse_cache.select.select_visual` is exactly the first k tokens the greedy algorithm picks, for
 any budget. The order is computed per image (or video), as the budgets are.
+
+No ``n x n`` distance matrix: a running vector of every token's minimum distance to the picks is updated
+with one matrix-vector product per pick (``O(n)`` memory per step), in float32, without a host sync per
+pick.
 """
 
 from __future__ import annotations
@@ -45,11 +49,43 @@ def order_to_scores(order: torch.Tensor, n: int) -> torch.Tensor:
     return scores
 
 
-def max_min_order(embeds: torch.Tensor) -> torch.Tensor:
+#: most elements of one block of pairwise similarities computed at a time (16 MiB in float32); a block
+#: has ``min(n, max(1, CHUNK_ELEMENTS // n))`` rows, so for ``n > 2048`` no ``n x n`` tensor exists.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the diversity scorers compute in: the model's dtype upcast to at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def nearest_neighbour_distance(unit: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """``(n,)`` distance ``1 - cos`` of each unit row of ``unit`` ``(n, D)`` to its nearest other row.
+
+    Computed by blocks of rows (``O(rows x n)`` memory, never ``n x n`` once ``n^2 > chunk_elements``).
+    """
+    n = unit.shape[0]
+    rows = min(n, max(1, chunk_elements // n))
+    nearest = torch.empty(n, dtype=unit.dtype, device=unit.device)
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        distance = (1.0 - unit[start:end] @ unit.T).clamp_min_(0.0)  # (rows, n)
+        index = torch.arange(start, end, device=unit.device)
+        distance[index - start, index] = float("inf")  # not its own neighbour
+        nearest[start:end] = distance.min(dim=1).values
+    return nearest
+
+
+def max_min_order(embeds: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Greedy max-min diversity order of ``embeds`` ``(n, D)`` under the distance ``1 - cos``.
 
     First the token whose nearest neighbour is farthest, then each time the token whose minimum
     distance to the tokens already picked is largest. Ties go to the earlier token.
+
+    Memory is ``O(n)`` per step plus the normalised embeddings: a running vector of each token's
+    minimum distance to the picks is updated with one matrix-vector product per pick (no ``n x n``
+    matrix; the first pick's nearest-neighbour distances are computed by blocks of rows). Float32 (or
+    float64 input kept as is); no host synchronisation inside the loop.
 
     Returns:
         ``(n,)`` LongTensor: the tokens in the order picked.
@@ -57,20 +93,18 @@ def max_min_order(embeds: torch.Tensor) -> torch.Tensor:
     n = embeds.shape[0]
     if n <= 1:
         return torch.arange(n, device=embeds.device)
-    unit = torch.nn.functional.normalize(embeds.float(), dim=-1)
-    distance = (1.0 - unit @ unit.T).clamp_min_(0.0)  # (n, n), one image's tokens only
-    distance.fill_diagonal_(float("inf"))
-    first = int(torch.argmax(distance.min(dim=1).values))  # argmax returns the first maximum
-    distance.fill_diagonal_(0.0)
+    unit = torch.nn.functional.normalize(embeds.to(compute_dtype(embeds.dtype)), dim=-1)
+    first = torch.argmax(nearest_neighbour_distance(unit, chunk_elements))  # the first maximum
     order = torch.empty(n, dtype=torch.long, device=embeds.device)
-    order[0] = first
-    min_to_chosen = distance[first].clone()
-    min_to_chosen[first] = float("-inf")
+    order[0:1] = first.view(1)
+    min_to_chosen = (1.0 - unit @ unit.index_select(0, first.view(1))[0]).clamp_min_(0.0)
+    min_to_chosen.index_fill_(0, first.view(1), float("-inf"))
     for step in range(1, n):
-        pick = int(torch.argmax(min_to_chosen))
-        order[step] = pick
-        torch.minimum(min_to_chosen, distance[pick], out=min_to_chosen)
-        min_to_chosen[pick] = float("-inf")  # chosen tokens stay at -inf (minimum keeps it)
+        pick = torch.argmax(min_to_chosen).view(1)  # stays on the device: no host sync
+        order[step : step + 1] = pick
+        distance = (1.0 - unit @ unit.index_select(0, pick)[0]).clamp_min_(0.0)
+        torch.minimum(min_to_chosen, distance, out=min_to_chosen)
+        min_to_chosen.index_fill_(0, pick, float("-inf"))  # chosen tokens stay at -inf (minimum keeps it)
     return order
 
 
