@@ -61,7 +61,7 @@ SCORER_NAMES = ("cdpruner", "cosine", "dart", "divprune", "fastv", "random", "sp
 FAMILIES_TEXT = (
     "Qwen2-VL (Qwen2VLForConditionalGeneration), Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), "
     "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration); "
-    "from Python only, not yet here: LLaVA-1.5, LLaVA-NeXT"
+    "from Python only, not yet here: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Video-LLaVA"
 )
 #: --compare: timed pairs (unpruned, pruned) by default, untimed warm-up runs of each, new tokens per timed run
 DEFAULT_COMPARE_REPEATS = 5

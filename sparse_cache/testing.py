@@ -55,6 +55,7 @@ __all__ = [
     "synthetic_image",
     "make_inputs",
     "make_video_inputs",
+    "make_llava_video_inputs",
 ]
 
 #: Special tokens of the tiny tokenizer, in id order (they follow the regular vocabulary).
@@ -672,7 +673,7 @@ def tiny_family_processor(family: str = "qwen2_5_vl"):
 
 #: LLaVA families :func:`tiny_vlm_model` builds. They are not (yet) in :data:`FAMILIES`, which the CLI, overlay and
 #: benchmark presets iterate and which read ``image_grid_thw``; the oracle suite runs :data:`ORACLE_FAMILIES`.
-LLAVA_FAMILIES = ("llava", "llava_next")
+LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision", "video_llava")
 #: every family of the parametrized oracle suite (``tests/test_families.py``)
 ORACLE_FAMILIES = FAMILIES + LLAVA_FAMILIES
 #: placeholders the LLaVA processors expand (ids right after :data:`SPECIAL_TOKENS`)
@@ -721,6 +722,8 @@ def tiny_llava_config(family: str = "llava", **overrides: Any):
     if family == "llava_next":
         text.update(model_type="mistral", num_key_value_heads=4, sliding_window=None)
         top["image_grid_pinpoints"] = [list(p) for p in _LLAVA_PINPOINTS]
+    if family in _LLAVA_EXTRA:
+        _LLAVA_EXTRA[family](text, vision, top)
     for key, value in overrides.items():
         if key.startswith("vision_"):
             vision[key[len("vision_"):]] = value
@@ -729,8 +732,10 @@ def tiny_llava_config(family: str = "llava", **overrides: Any):
         else:
             text[key] = value
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
-    config_class = {"llava": LlavaConfig, "llava_next": LlavaNextConfig}[family]
+    config_class = {"llava": LlavaConfig, "llava_next": LlavaNextConfig}.get(family) or _llava_config_class(family)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
+    if family in _LLAVA_EXTRA:
+        top["video_token_index"] = tokenizer.convert_tokens_to_ids("<video>")
     config = config_class(text_config=text, vision_config=vision, image_token_index=image_token, **top)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
@@ -744,7 +749,9 @@ def tiny_llava_model(family: str = "llava", seed: int = 0, attn_implementation: 
     import transformers
 
     config = tiny_llava_config(family, attn_implementation=attn_implementation, **overrides)
-    model_class = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}[family]
+    model_class = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                   "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                   "video_llava": "VideoLlavaForConditionalGeneration"}[family]
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(config)
     _reinit_weights(model, init_std, seed)
@@ -774,4 +781,151 @@ def tiny_llava_processor(family: str = "llava"):
     if family == "llava_next":
         image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in _LLAVA_PINPOINTS], **size)
         return LlavaNextProcessor(image_processor=image_processor, **common)
+    if family in _LLAVA_EXTRA:
+        return _extra_llava_processor(family)
     raise ValueError(f"family: unknown LLaVA family {family!r}; valid: {LLAVA_FAMILIES}")
+
+
+# --------------------------------------------------------------------------- LLaVA-OneVision, Video-LLaVA
+
+#: LLaVA-OneVision's tiny ``vision_aspect_ratio``: ``anyres_max_2`` shrinks tile maps of more than 2.2 tiles' worth of
+#: tokens (a 2 x 2-tile image here), as ``anyres_max_9`` does for large images on the released checkpoints
+_ONEVISION_ASPECT = "anyres_max_2"
+
+
+def _onevision_extra(text: dict, vision: dict, top: dict) -> None:
+    """LLaVA-OneVision: Qwen2 backbone (GQA, no sliding window), SigLIP tower (no CLS: every patch a token),
+    last-layer features, ``full`` strategy, as llava-hf/llava-onevision-qwen2-*-ov-hf ship."""
+    text.update(model_type="qwen2", use_sliding_window=False, sliding_window=None)
+    vision.clear()
+    vision.update(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=_LLAVA_TILE, patch_size=_PATCH_SIZE, vision_use_head=False,
+                  hidden_act="gelu_pytorch_tanh")
+    top.update(vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio=_ONEVISION_ASPECT,
+               image_grid_pinpoints=[list(p) for p in _LLAVA_PINPOINTS])
+
+
+def _video_llava_extra(text: dict, vision: dict, top: dict) -> None:
+    """Video-LLaVA: Llama backbone (4 KV heads), the CLIP tower of LLaVA-1.5 (layer -2, CLS dropped for images,
+    kept for video frames)."""
+    text.update(num_key_value_heads=4)
+
+
+_LLAVA_EXTRA = {"llava_onevision": _onevision_extra, "video_llava": _video_llava_extra}
+
+
+def _llava_config_class(family: str):
+    from transformers import LlavaOnevisionConfig, VideoLlavaConfig
+
+    return {"llava_onevision": LlavaOnevisionConfig, "video_llava": VideoLlavaConfig}[family]
+
+
+def _video_llava_processor():
+    """Video-LLaVA's processor with its (numpy/PIL) image processor: 56 px crops, patch 14, CLS counted then dropped
+    for images; no video processor (it needs torchvision): :func:`make_llava_video_inputs` builds the videos."""
+    from transformers import VideoLlavaProcessor
+    from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
+
+    class TinyVideoLlavaProcessor(VideoLlavaProcessor):
+        """``VideoLlavaProcessor`` without a video processor (as :class:`TinyLlavaOnevisionProcessor`)."""
+
+        video_processor = None
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, patch_size=14,
+                     vision_feature_select_strategy="default", num_additional_image_tokens=1, **kwargs):
+            # VideoLlavaProcessor.__init__ passes (image_processor, video_processor, tokenizer) positionally, which
+            # does not fit a signature without the video processor: set its attributes, then ProcessorMixin's
+            from transformers.processing_utils import ProcessorMixin
+
+            self.patch_size = patch_size
+            self.num_additional_image_tokens = num_additional_image_tokens
+            self.vision_feature_select_strategy = vision_feature_select_strategy
+            self.image_token, self.video_token = "<image>", "<video>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+        def __call__(self, *args, padding_side=None, **kwargs):
+            # transformers < 5.2x: VideoLlavaProcessor.__call__ has a fixed signature without padding_side (the
+            # tokenizer's own padding_side, which make_inputs sets, applies)
+            return super().__call__(*args, **kwargs)
+
+    image_processor = VideoLlavaImageProcessor(size={"shortest_edge": _LLAVA_TILE},
+                                               crop_size={"height": _LLAVA_TILE, "width": _LLAVA_TILE})
+    return TinyVideoLlavaProcessor(image_processor=image_processor, tokenizer=tiny_llava_tokenizer(),
+                                   patch_size=_PATCH_SIZE, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+
+
+def make_llava_video_inputs(processor, prompt: str, frames: Sequence[Image.Image], images=(), videos: int = 1):
+    """Single-row inputs of a LLaVA-OneVision or Video-LLaVA prompt with one video (then ``images``, if any).
+
+    Their video processors need torchvision, so ``pixel_values_videos`` ``(1, frames, 3, 56, 56)`` is built with
+    the family's image processor, frame by frame, in the layout the video processor returns: every frame resized
+    to the tile (OneVision: the image processor's un-patched multi-image path, i.e. resized to 56 x 56; Video-LLaVA:
+    shortest edge 56 then a 56 x 56 center crop), rescaled and normalized with the CLIP mean and std, as both
+    video processors do. ``<video>`` is expanded as the processors do: OneVision ``frames * ceil(side/2)**2 + 1``
+    (pooled frames, one newline), Video-LLaVA ``frames * (side**2 + 1)`` (every frame with its CLS token).
+    """
+    import math
+
+    side = _LLAVA_TILE // _PATCH_SIZE
+    onevision = "Onevision" in type(processor).__name__
+    if onevision:
+        out = processor.image_processor(images=[list(frames)], return_tensors="pt")  # one row: no anyres patching
+        video = out["pixel_values"][:, 0]  # (frames, 3, 56, 56): the single (un-patched) tile of each frame
+        count = len(frames) * math.ceil(side / 2) ** 2 + 1
+    else:
+        out = processor.image_processor(images=list(frames), return_tensors="pt")
+        video = out.get("pixel_values_images", out.get("pixel_values"))
+        count = len(frames) * (side * side + 1)
+    content = []
+    for index in range(videos):  # ``videos`` copies of the clip, each its own <video> (then its number as text)
+        content += [{"type": "video"}] + ([{"type": "text", "text": f"clip {index + 1}. "}] if videos > 1 else [])
+    messages = [{"role": "user", "content": content + [{"type": "image"} for _ in images]
+                 + [{"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # the processor refuses <video> without its video processor; <video> is a special token, so the text on either
+    # side tokenizes on its own: the part before it (no image), the placeholders, the part after (with the images)
+    *pieces, after = text.split("<video>")
+    tokenizer = processor.tokenizer
+    placeholders = torch.full((1, count), tokenizer.convert_tokens_to_ids("<video>"), dtype=torch.long)
+    parts = []
+    for piece in pieces:
+        parts += [tokenizer([piece], add_special_tokens=False, return_tensors="pt")["input_ids"], placeholders]
+    if images:
+        inputs = dict(processor(text=[after], images=list(images), return_tensors="pt"))
+    else:
+        inputs = dict(tokenizer([after], add_special_tokens=False, return_tensors="pt"))
+    inputs["input_ids"] = torch.cat(parts + [inputs["input_ids"]], 1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["pixel_values_videos"] = video.unsqueeze(0).repeat(videos, 1, 1, 1, 1).contiguous()
+    return BatchFeature(data=inputs)
+
+
+def _extra_llava_processor(family: str):
+    if family == "video_llava":
+        return _video_llava_processor()
+    """LLaVA-OneVision's processor with its PIL image processor (56 px tiles, the tiny pinpoints); no video
+    processor (it needs torchvision): :func:`make_llava_video_inputs` builds ``pixel_values_videos`` itself."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": _LLAVA_TILE, "width": _LLAVA_TILE},
+                                                      image_grid_pinpoints=[list(p) for p in _LLAVA_PINPOINTS])
+    side = _LLAVA_TILE // _PATCH_SIZE
+    class TinyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+        """``LlavaOnevisionProcessor`` without a video processor (``ProcessorMixin`` type-checks the sub-processors
+        named in ``__init__``, and the video processor class is a torchvision dummy here)."""
+
+        video_processor = None
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                             chat_template=chat_template, **kwargs)
+
+    return TinyLlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tiny_llava_tokenizer(),
+                                   num_image_tokens=side * side, vision_feature_select_strategy="full",
+                                   chat_template=LLAVA_CHAT_TEMPLATE, vision_aspect_ratio=_ONEVISION_ASPECT)

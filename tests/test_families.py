@@ -1,10 +1,11 @@
-"""One suite over every supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, LLaVA-1.5, LLaVA-NeXT),
-against the oracles.
+"""One suite over every supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, LLaVA-1.5, LLaVA-NeXT,
+LLaVA-OneVision, Video-LLaVA), against the oracles.
 
 Tiny random-weight models built offline (``testing.tiny_vlm_model``); Qwen3-VL inputs come from the PIL
 Qwen2-VL image processor with patch 16, the exact layout of the Qwen3-VL image processor (its own processor
 class needs torchvision for videos); LLaVA inputs from the transformers LLaVA processors with their PIL image
-processors. Each test first asserts that pruning happened, then compares.
+processors (LLaVA-OneVision and Video-LLaVA videos: their video processors need torchvision, so
+``testing.make_llava_video_inputs`` builds their tensor layout from the image processors). Each test first asserts that pruning happened, then compares.
 """
 
 from __future__ import annotations
@@ -253,8 +254,13 @@ def test_llava_per_image_budgets_count_each_images_own_tokens(family, inputs_of)
     image_id = model.config.image_token_id
     runs = image_runs(inputs, image_id)
     lengths = [length for row in runs for _, length in row]
-    if family == "llava":
+    if family in ("llava", "video_llava"):
         assert lengths == [16, 16, 16]
+    elif family == "llava_onevision":  # SigLIP, "full": base 16 + the tile map shrunk by anyres_max_2 + newlines
+        sizes = inputs["image_sizes"].tolist()
+        expected = [processor._get_number_of_features(h, w, 56, 56) for h, w in sizes]
+        # 168 x 224: map 6 x 8 -> 4 x 6 (ratio 1.22); 112 x 112 and 168 x 112: 8 x 8 -> 5 x 5 (ratio 1.41)
+        assert lengths == expected == [16 + 4 * 7, 16 + 5 * 6, 16 + 5 * 6], (lengths, expected)
     else:  # the processor's count from each image size: base 16 + un-padded tiles + one newline per row (its count
         # includes the CLS token, which the "default" feature strategy drops)
         sizes = inputs["image_sizes"].tolist()
@@ -393,10 +399,131 @@ def test_llava_refusals():
     with pytest.raises(ValueError, match="sliding_window=8"):
         PrunableDynamicCache(model, keep_ratio=0.25)
 
-    class LlavaOnevisionForConditionalGeneration(torch.nn.Module):
+    class LlavaNextVideoForConditionalGeneration(torch.nn.Module):
         pass
 
     with pytest.raises(TypeError) as error:
-        adapter_for(LlavaOnevisionForConditionalGeneration())
+        adapter_for(LlavaNextVideoForConditionalGeneration())
     message = str(error.value)
     assert "\n" not in message and "LlavaForConditionalGeneration" in message and "LlavaNextForConditionalGeneration" in message
+
+
+VIDEO_LLAVA = ("llava_onevision", "video_llava")
+
+
+def llava_video_inputs(family):
+    """One row: a 4-frame video, then an image, then the question. OneVision: 4 pooled frames of 2 x 2 tokens and
+    one newline (17 tokens), the image anyres (46); Video-LLaVA: 4 frames of 16 patches + CLS (68), the image 16."""
+    processor = testing.tiny_family_processor(family)
+    frames = [testing.synthetic_image(64, 64, seed=s) for s in range(4)]
+    return testing.make_llava_video_inputs(processor, "what happens in the video?", frames,
+                                           images=[testing.synthetic_image(112, 112, seed=2)])
+
+
+@pytest.mark.parametrize("family", VIDEO_LLAVA)
+def test_llava_video_per_video_budget_and_masked_oracle(family):
+    """The video is one block with its own budget (all its frames, newline included), the image another."""
+    from sparse_cache.select import budget
+
+    model = model_of(family)
+    inputs = llava_video_inputs(family)
+    video_len = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    image_len = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert (video_len, image_len) == {"llava_onevision": (17, 46), "video_llava": (68, 16)}[family]
+    adapter = adapter_for(model)
+    counts = [c for _, c, _ in adapter.block_counts(dict(inputs))]
+    assert counts == [[image_len], [video_len]]
+    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, inputs, visual_ids(model),
+                  kept_counts=[budget(video_len, 0.25, None) + budget(image_len, 0.25, None)])
+    kept = cache.kept_visual_positions[0]
+    in_video = (inputs["input_ids"][0, kept] == model.config.video_token_id).sum()
+    assert int(in_video) == budget(video_len, 0.25, None)
+    prompt_len = inputs["input_ids"].shape[1]
+    full, mask, last, first = masked_full_cache(model, inputs, cache.kept_visual_positions, visual_ids(model))
+    logits, _, _ = feed(model, full, mask, last, out.sequences[:, prompt_len:-1])
+    logits_close(out.logits, [first] + list(logits.unbind(1)))
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("family", VIDEO_LLAVA)
+def test_llava_video_in_prefill_matches_hand_built_reference(family, layer):
+    model = model_of(family)
+    inputs = llava_video_inputs(family)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=layer, mode="in-prefill")
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, inputs, visual_ids(model))
+    prompt_len = inputs["input_ids"].shape[1]
+    expected = in_prefill_reference_logits(
+        model, inputs, [(layer, cache.kept_visual_positions)], out.sequences[:, prompt_len:], visual_ids(model)
+    )
+    logits_close(out.logits, expected)
+
+
+@pytest.mark.parametrize("family", VIDEO_LLAVA)
+def test_llava_video_beam_scores_match_teacher_forced_oracle(family):
+    model = model_of(family)
+    inputs = llava_video_inputs(family)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, num_beams=3,
+                         num_return_sequences=3, do_sample=False, return_dict_in_generate=True, output_scores=True,
+                         length_penalty=0.0)
+    assert_pruned(cache, inputs, visual_ids(model), expand=3)
+    prompt_len = inputs["input_ids"].shape[1]
+    expanded = {k: v.repeat_interleave(3, 0) if k in ("input_ids", "attention_mask")
+                else v.repeat(3, *[1] * (v.ndim - 1)) for k, v in inputs.items()}
+    kept = [cache.kept_visual_positions[0]] * 3
+    expected = teacher_forced_logprob(model, expanded, kept, out.sequences[:, prompt_len:], visual_ids(model))
+    assert (out.sequences_scores - expected).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("family", VIDEO_LLAVA)
+def test_llava_two_videos_have_their_own_budgets(family):
+    """Two videos in one row (one ``pixel_values_videos`` of 2): each is a block of its own count, and
+    ``keep_tokens`` applies per video; the masked oracle holds."""
+    model = model_of(family)
+    processor = testing.tiny_family_processor(family)
+    frames = [testing.synthetic_image(64, 64, seed=s) for s in range(4)]
+    inputs = testing.make_llava_video_inputs(processor, "compare the two clips.", frames, videos=2)
+    video_len = int((inputs["input_ids"] == model.config.video_token_id).sum()) // 2
+    assert adapter_for(model).block_counts(dict(inputs))[1][1] == [video_len, video_len]
+    cache = PrunableDynamicCache(model, keep_tokens=5)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, inputs, visual_ids(model), kept_counts=[10])
+    runs = image_runs(inputs, model.config.video_token_id)[0]
+    assert len(runs) == 2
+    kept = cache.kept_visual_positions[0]
+    for start, length in runs:
+        assert int(((kept >= start) & (kept < start + length)).sum()) == 5
+    prompt_len = inputs["input_ids"].shape[1]
+    full, mask, last, first = masked_full_cache(model, inputs, cache.kept_visual_positions, visual_ids(model))
+    logits, _, _ = feed(model, full, mask, last, out.sequences[:, prompt_len:-1])
+    logits_close(out.logits, [first] + list(logits.unbind(1)))
+
+
+def test_onevision_rows_of_several_images_take_one_tile_each():
+    """Images given per row (``batch_num_images`` [1, 2]): the lone image is anyres (44 tokens), the two of the
+    second row one tile + newline each (17), as ``get_image_features`` packs them; budgets and the masked oracle."""
+    from sparse_cache.select import budget
+
+    model = model_of("llava_onevision")
+    processor = testing.tiny_family_processor("llava_onevision")
+    images = [[testing.synthetic_image(224, 168, seed=1)],
+              [testing.synthetic_image(112, 112, seed=2), testing.synthetic_image(112, 168, seed=3)]]
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"} for _ in row] + [{"type": "text", "text": prompt}]}],
+        add_generation_prompt=True, tokenize=False) for row, prompt in zip(images, ["what is it?", "compare them."])]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    assert inputs["batch_num_images"].tolist() == [1, 2]
+    lengths = [length for row in image_runs(inputs, model.config.image_token_id) for _, length in row]
+    assert lengths == [44, 17, 17]
+    assert adapter_for(model).block_counts(dict(inputs))[0][1] == lengths
+    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, inputs, visual_ids(model), kept_counts=[budget(44, 0.25, None), 2 * budget(17, 0.25, None)])
+    prompt_len = inputs["input_ids"].shape[1]
+    full, mask, last, first = masked_full_cache(model, inputs, cache.kept_visual_positions, visual_ids(model))
+    logits, _, _ = feed(model, full, mask, last, out.sequences[:, prompt_len:-1])
+    logits_close(out.logits, [first] + list(logits.unbind(1)))

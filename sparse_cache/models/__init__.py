@@ -46,3 +46,5 @@ from . import qwen2_5_vl  # noqa: E402,F401
 from . import qwen3_vl  # noqa: E402,F401
 from . import llava  # noqa: E402,F401
 from . import llava_next  # noqa: E402,F401
+from . import llava_onevision  # noqa: E402,F401
+from . import video_llava  # noqa: E402,F401
