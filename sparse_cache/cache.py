@@ -195,6 +195,10 @@ class PrunableDynamicCache(DynamicCache):
         self._dropped = 0  # logical minus physical length (L0 - P0)
         self._history_chunks: list[torch.Tensor] = []  # token ids seen, per forward, to refuse unrelated reuse
         self._rope_deltas: torch.Tensor | None = None  # (B, 1) this conversation's position offsets
+        # the physical 2-D mask handed to the model, in a buffer with spare capacity (a decode step appends a
+        # column in O(1)); valid for the logical length _mask_logical, dropped when the layout changes
+        self._mask_buffer: torch.Tensor | None = None
+        self._mask_logical = -1
         self.sparse_cache_lifecycle.reset()
 
     def reset(self) -> None:
@@ -248,6 +252,7 @@ class PrunableDynamicCache(DynamicCache):
         return self.get_seq_length() - self._prefix_logical
 
     def crop(self, tokens_to_remove: int) -> None:
+        self._mask_logical = -1  # the physical mask is rebuilt at the next forward
         if tokens_to_remove > 0:
             raise ValueError(f"tokens_to_remove: pass a negative count to crop, got {tokens_to_remove}")
         into_prefix = -tokens_to_remove - self._physical_tail_length()
@@ -271,6 +276,7 @@ class PrunableDynamicCache(DynamicCache):
             self._history_chunks = [self._history[:, :tokens_to_remove]]
 
     def _select_rows(self, index: torch.Tensor) -> None:
+        self._mask_logical = -1
         if self._prefix_mask is not None:
             self._prefix_mask = self._prefix_mask[index.to(self._prefix_mask.device)]
             self._prefix_positions = self._prefix_positions[index.to(self._prefix_positions.device)]
@@ -353,13 +359,35 @@ class PrunableDynamicCache(DynamicCache):
             )
         if mask is None and self._prefix_all_valid:
             return None
-        tail_len = past_logical - self._prefix_logical + q_len
-        if mask is None:
-            tail = torch.ones(batch, tail_len, dtype=torch.bool, device=self._prefix_mask.device)
+        dtype = torch.bool if mask is None else mask.dtype
+        buffer = self._mask_buffer
+        width = self._prefix_mask.shape[1] + past_logical - self._prefix_logical + q_len
+        continuing = (
+            q_len == 1  # a decode step extends the last mask by one column; anything longer is rebuilt
+            and buffer is not None
+            and self._mask_logical == past_logical
+            and buffer.dtype == dtype
+            and buffer.shape[0] == batch
+        )
+        if continuing:
+            # O(1) per step: the new column is written into spare capacity and a view is handed out
+            if buffer.shape[1] < width:
+                grown = buffer.new_zeros(batch, 2 * width)
+                grown[:, : width - 1] = buffer[:, : width - 1]
+                buffer = self._mask_buffer = grown
+            new = buffer.new_ones(batch, 1) if mask is None else mask[:, -1:].to(buffer.device, dtype)
+            buffer[:, width - 1 : width] = new
         else:
-            tail = mask[:, self._prefix_logical :].to(self._prefix_mask.device).bool()
-        physical = torch.cat([self._prefix_mask, tail], dim=1)
-        return physical.to(mask.dtype) if mask is not None else physical
+            tail_len = width - self._prefix_mask.shape[1]
+            device = self._prefix_mask.device
+            buffer = self._mask_buffer = torch.zeros(batch, 2 * width, dtype=dtype, device=device)
+            buffer[:, : self._prefix_mask.shape[1]] = self._prefix_mask.to(dtype)
+            if mask is None:
+                buffer[:, self._prefix_mask.shape[1] : width] = 1
+            else:
+                buffer[:, self._prefix_mask.shape[1] : width] = mask[:, mask.shape[1] - tail_len :].to(device, dtype)
+        self._mask_logical = past_logical + q_len
+        return buffer[:, :width]
 
     def column_positions(self, logical_end: int, batch: int, device) -> torch.Tensor:
         """``(B, P)`` logical position of every physical column once ``logical_end`` tokens have been seen."""
@@ -396,6 +424,7 @@ class PrunableDynamicCache(DynamicCache):
             layer.values = layer.values.gather(2, idx[:, None, :, None].expand(b, h, idx.shape[1], dv))
 
     def set_prefix(self, logical: int, new_mask: torch.Tensor, positions: torch.Tensor) -> None:
+        self._mask_logical = -1
         self._prefix_mask = new_mask
         self._prefix_positions = positions
         self._prefix_logical = logical
