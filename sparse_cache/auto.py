@@ -39,7 +39,7 @@ def enable(model: torch.nn.Module, keep_ratio: float | None = None, keep_tokens:
             validated now, so a bad value fails here and not inside a pipeline.
     """
     probe = PrunableDynamicCache(model, keep_ratio=keep_ratio, keep_tokens=keep_tokens, **cache_kwargs)  # validates
-    adapter = probe._adapter
+    hooks.hold_for_enable(probe._adapter)  # before the probe goes, so the hooks are not removed and re-installed
     del probe
     if hasattr(model, _ORIGINAL_GENERATE_ATTR):
         disable_generate_wrapper(model)
@@ -56,7 +56,6 @@ def enable(model: torch.nn.Module, keep_ratio: float | None = None, keep_tokens:
 
     setattr(model, _ORIGINAL_GENERATE_ATTR, original)
     model.generate = generate
-    hooks.hold_for_enable(adapter)
     logger.info("sparse_cache: pruning enabled on %s (keep_ratio=%s, keep_tokens=%s)",
                 type(model).__name__, keep_ratio, keep_tokens)
     return model

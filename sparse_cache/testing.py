@@ -285,16 +285,9 @@ def tiny_qwen2_5_vl_config(**overrides: Any):
     attn_implementation = overrides.pop("attn_implementation", None)
     text = dict(_TEXT_DEFAULTS)
     vision = dict(_VISION_DEFAULTS)
-    top: dict[str, Any] = {}
     rope_theta = overrides.pop("rope_theta", 1_000_000.0)
     mrope_section = overrides.pop("mrope_section", None)
-    for key, value in overrides.items():
-        if key.startswith("vision_"):
-            vision[key[len("vision_"):]] = value
-        elif key in _TOP_LEVEL_KEYS:
-            top[key] = value
-        else:
-            text[key] = value
+    top = _apply_overrides(overrides, text, vision)
 
     text.setdefault("vocab_size", max(ids.values()) + 1)
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
@@ -313,6 +306,20 @@ def tiny_qwen2_5_vl_config(**overrides: Any):
     vision.setdefault("out_hidden_size", text["hidden_size"])
 
     return _vlm_config(Qwen2_5_VLConfig, text, vision, top, attn_implementation)
+
+
+def _apply_overrides(overrides: dict, text: dict, vision: dict) -> dict:
+    """Sort ``overrides`` into the text config, the vision config (``vision_``-prefixed keys) and the top-level
+    keys, which are returned."""
+    top: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key.startswith("vision_"):
+            vision[key[len("vision_"):]] = value
+        elif key in _TOP_LEVEL_KEYS:
+            top[key] = value
+        else:
+            text[key] = value
+    return top
 
 
 def _vlm_config(config_class, text: dict, vision: dict, top: dict, attn_implementation: str | None):
@@ -595,14 +602,7 @@ def tiny_vlm_config(family: str = "qwen2_5_vl", **overrides: Any):
     if family == "qwen3_vl_moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
                     mlp_only_layers=[])
-    top: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key.startswith("vision_"):
-            vision[key[len("vision_"):]] = value
-        elif key in _TOP_LEVEL_KEYS:
-            top[key] = value
-        else:
-            text[key] = value
+    top = _apply_overrides(overrides, text, vision)
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     section = list(mrope_section or _default_mrope_section(head_dim))
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": section}

@@ -12,6 +12,15 @@ import torch
 from .._compat import forward_arg_names
 from ..select import scaled_layer
 
+def expand_rope_deltas(deltas: torch.Tensor, batch: int) -> torch.Tensor:
+    """``deltas`` for ``batch`` rows (beam search expands the batch after positions were prepared)."""
+    if deltas.shape[0] == batch:
+        return deltas
+    if batch % deltas.shape[0]:
+        raise ValueError(f"rope deltas of {deltas.shape[0]} rows cannot follow a batch of {batch}")
+    return deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
+
+
 #: Attention implementations whose masks and positions are tested with the pruned cache.
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -161,10 +170,32 @@ class VLMAdapter:
         return None
 
     def continuation_positions(self, deltas, past_logical: int, seq_len: int, attention_mask, device):
+        """Positions of ``seq_len`` tokens fed after ``past_logical`` tokens seen, in the family's layout."""
         raise NotImplementedError
 
-    def deltas_from_positions(self, position_ids, token_valid, valid_total):
-        raise NotImplementedError
+    def text_positions(self, deltas, past_logical: int, seq_len: int, attention_mask, device) -> torch.Tensor:
+        """``(B, S)`` positions of ``seq_len`` text tokens fed after ``past_logical`` tokens seen, plus each row's
+        offset: with a 2-D mask of the logical length the base is the row's count of real tokens (as
+        ``generate`` counts), else ``past_logical`` onward (as the model counts without a mask)."""
+        batch = deltas.shape[0] if attention_mask is None else attention_mask.shape[0]
+        deltas = expand_rope_deltas(deltas, batch).to(device)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            mask = attention_mask.to(device).long()
+            base = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -seq_len:]
+        else:
+            base = torch.arange(past_logical, past_logical + seq_len, device=device).expand(batch, -1)
+        return base + deltas
+
+    def deltas_from_positions(self, position_ids, token_valid, valid_total) -> torch.Tensor:
+        """``(B, 1)`` offsets (next position = real tokens seen + delta): the top position of this forward's
+        real tokens + 1, minus ``valid_total`` ``(B,)``, the real tokens of the whole sequence so far. Equals
+        ``get_rope_index``'s deltas on an M-RoPE prefill; 0 for plain 1-D positions."""
+        rows = self.position_rows(position_ids).to(token_valid.device)
+        rows = rows if rows.ndim == 3 else rows[None]  # (R, B or 1, S)
+        rows = rows.expand(-1, token_valid.shape[0], -1) if rows.shape[1] == 1 else rows
+        lowest = torch.iinfo(rows.dtype).min if not rows.is_floating_point() else float("-inf")
+        top = rows.masked_fill(~token_valid[None], lowest).amax(dim=(0, 2))
+        return (top + 1 - valid_total.to(top.device)).long().unsqueeze(1)
 
     def grids_from_positions(self, position_ids, block_of: torch.Tensor, is_visual: torch.Tensor):
         """Each visual block's merged ``(t, h, w)`` grid read from the positions, when the grids were not given

@@ -12,16 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._compat import CACHE_KWARGS
-from .base import VLMAdapter
-
-
-def expand_rope_deltas(deltas: torch.Tensor, batch: int) -> torch.Tensor:
-    """``deltas`` for ``batch`` rows (beam search expands the batch after positions were prepared)."""
-    if deltas.shape[0] == batch:
-        return deltas
-    if batch % deltas.shape[0]:
-        raise ValueError(f"rope deltas of {deltas.shape[0]} rows cannot follow a batch of {batch}")
-    return deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
+from .base import VLMAdapter, expand_rope_deltas
 
 
 class MRopeAdapter(VLMAdapter):
@@ -34,27 +25,10 @@ class MRopeAdapter(VLMAdapter):
             return position_ids[None]
         return position_ids[-3:] if position_ids.shape[0] >= 3 else position_ids
 
-    def deltas_from_positions(self, position_ids, token_valid, valid_total) -> torch.Tensor:
-        """``(B, 1)`` offsets (next position = real tokens seen + delta), equal to ``get_rope_index``'s on a
-        prefill. ``token_valid`` ``(B, S)``: this forward's real tokens; ``valid_total`` ``(B,)``: real tokens
-        of the whole sequence up to and including this forward."""
-        rows = self.position_rows(position_ids).to(token_valid.device)
-        lowest = torch.iinfo(rows.dtype).min if not rows.is_floating_point() else float("-inf")
-        top = rows.masked_fill(~token_valid[None], lowest).amax(dim=(0, 2))
-        return (top + 1 - valid_total.to(top.device)).long().unsqueeze(1)
-
     def continuation_positions(self, deltas, past_logical: int, seq_len: int, attention_mask, device):
-        """``(3, B, S)`` positions of ``seq_len`` text tokens fed after ``past_logical`` tokens seen: what the
-        model computes for a call without ``position_ids``, with the conversation's own offsets. With a 2-D
-        mask of the logical length the base is each row's count of real tokens, as ``generate`` does."""
-        batch = deltas.shape[0] if attention_mask is None else attention_mask.shape[0]
-        deltas = expand_rope_deltas(deltas, batch).to(device)
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-            mask = attention_mask.to(device).long()
-            base = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -seq_len:]
-        else:
-            base = torch.arange(past_logical, past_logical + seq_len, device=device).expand(batch, -1)
-        return (base + deltas).unsqueeze(0).expand(3, -1, -1)
+        """``(3, B, S)``: the text positions of :meth:`text_positions` on each M-RoPE row, what the model computes
+        for a call without ``position_ids``, with the conversation's own offsets."""
+        return self.text_positions(deltas, past_logical, seq_len, attention_mask, device).unsqueeze(0).expand(3, -1, -1)
 
     def prefill_positions(self, input_ids, kwargs: dict, attention_mask):
         """``(3, B, S)`` positions of a first forward without ``position_ids``, from the model's pure

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from .base import VLMAdapter
-from .mrope import expand_rope_deltas
 
 
 class Rope1DAdapter(VLMAdapter):
@@ -39,25 +38,10 @@ class Rope1DAdapter(VLMAdapter):
         """``(B, S)`` positions as given (one rotary row)."""
         return position_ids if position_ids.ndim == 2 else position_ids.reshape(-1, position_ids.shape[-1])
 
-    def deltas_from_positions(self, position_ids, token_valid, valid_total) -> torch.Tensor:
-        """``(B, 1)`` offsets: the top position of this forward's real tokens + 1 minus the real tokens seen."""
-        rows = self.position_rows(position_ids).to(token_valid.device)
-        rows = rows.expand(token_valid.shape[0], -1) if rows.shape[0] == 1 else rows
-        lowest = torch.iinfo(rows.dtype).min if not rows.is_floating_point() else float("-inf")
-        top = rows.masked_fill(~token_valid, lowest).amax(dim=-1)
-        return (top + 1 - valid_total.to(top.device)).long().unsqueeze(1)
-
     def continuation_positions(self, deltas, past_logical: int, seq_len: int, attention_mask, device):
-        """``(B, S)`` positions of ``seq_len`` tokens after ``past_logical`` seen: ``generate``'s (mask cumulative
-        sum) with a 2-D mask of the logical length, else ``past_logical`` onward, plus the row's offset."""
-        batch = deltas.shape[0] if attention_mask is None else attention_mask.shape[0]
-        deltas = expand_rope_deltas(deltas, batch).to(device)
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-            mask = attention_mask.to(device).long()
-            base = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -seq_len:]
-        else:
-            base = torch.arange(past_logical, past_logical + seq_len, device=device).expand(batch, -1)
-        return base + deltas
+        """``(B, S)``: :meth:`text_positions` (``generate``'s mask count, or ``past_logical`` onward, plus the
+        row's offset)."""
+        return self.text_positions(deltas, past_logical, seq_len, attention_mask, device)
 
     def prefill_positions(self, input_ids, kwargs: dict, attention_mask):
         """``(B, S)`` positions the decoder computes itself on a first forward without ``position_ids``
