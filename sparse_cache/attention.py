@@ -40,16 +40,24 @@ def attention_rows(
         key_valid: ``(K,)`` bool, False for padding columns.
 
     Returns:
-        ``(H, R, K)`` float32 probabilities (rows sum to 1 over the valid, causal columns).
+        ``(H, R, K)`` float32 probabilities (``H``: the heads this process holds; under tensor parallelism its
+        shard, which :class:`~sparse_cache.distributed.TensorParallel` gathers) (rows sum to 1 over the valid, causal columns).
     """
-    num_heads = attn_module.config.num_attention_heads
     head_dim = attn_module.head_dim
     num_kv = keys.shape[0]
-    groups = num_heads // num_kv
     rows = query_index.numel()
 
     h = hidden_states.index_select(0, query_index)
-    q = attn_module.q_proj(h).view(rows, num_heads, head_dim)
+    q = attn_module.q_proj(h)
+    # this process's heads: all of them, or under tensor parallelism its shard (q_proj column-wise, keys alike)
+    num_heads = q.shape[-1] // head_dim
+    if num_heads * head_dim != q.shape[-1] or num_heads % num_kv:
+        raise RuntimeError(
+            f"attention rows: q_proj gives {q.shape[-1]} features ({head_dim} per head) for {num_kv} key heads; "
+            "a head layout this package cannot score"
+        )
+    groups = num_heads // num_kv
+    q = q.view(rows, num_heads, head_dim)
     q_norm = getattr(attn_module, "q_norm", None)  # a per-head norm before RoPE, as the module applies it
     if q_norm is not None:
         q = q_norm(q)

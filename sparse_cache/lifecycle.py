@@ -25,6 +25,7 @@ import torch
 
 from ._compat import CACHE_KWARG, get_arg, set_arg
 from .assisted import AssistedSplitMixin
+from .distributed import tensor_parallel_of
 from .inprefill import InPrefillMixin, left_packed
 from .scorers import ScoringContext
 from .select import adaptive_keep_count, select_visual
@@ -66,6 +67,8 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
         for name, value in options.items():  # scorer, mode, schedule, budgets, ... validated by the cache
             setattr(self, name, value)
         self._generator = torch.Generator().manual_seed(self.seed)
+        # under tensor parallelism (tp_plan): the group every rank scores with and agrees with (sparse_cache.distributed)
+        self.tensor_parallel = tensor_parallel_of(adapter.top)
         self.reset()
 
     def reset(self) -> None:
@@ -258,6 +261,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
             key_valid=p.key_valid,
             generator=self._generator,
             extras=p.extras,
+            tensor_parallel=self.tensor_parallel,
         )
 
     def _stage_context(self, p: _Pass) -> ScoringContext:
@@ -285,6 +289,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
             generator=self._generator,
             extras=p.extras,
             original_positions=index,
+            tensor_parallel=self.tensor_parallel,
         )
 
     def _score(self, p: _Pass, context: ScoringContext) -> None:
@@ -292,6 +297,8 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
             scores = self.scorer.score(context)
         if len(scores) != context.batch_size:
             raise RuntimeError(f"scorer {self.scorer!r} returned {len(scores)} rows for {context.batch_size}")
+        if self.tensor_parallel is not None:
+            scores = self.tensor_parallel.agree_on_scores(scores, context.extras)
         p.scores = scores
         # keep only positions and blocks: holding the layer's inputs until the end of the prefill would cost
         # one (tokens x hidden) tensor of peak memory (measured by the benchmark)
@@ -320,6 +327,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
                 )
             with torch.no_grad():
                 self._finish_in_prefill(p)
+            self._check_group_agrees()
             return
         if p.scores is None:
             if self.scoring_layer is not None:
@@ -331,10 +339,15 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
         with torch.no_grad():
             keeps = self._select(p)
             dropped_local = [v[~k] for v, k in zip(p.visual_positions, keeps)]
-            if all(d.numel() == 0 for d in dropped_local):
-                return  # nothing dropped: leave the cache exactly as a DynamicCache would hold it
-            self._compact(p, dropped_local)
-            self.cache.check_compacted(p.key_valid, dropped_local)
+            if any(d.numel() for d in dropped_local):  # nothing dropped: the cache stays as a DynamicCache holds it
+                self._compact(p, dropped_local)
+                self.cache.check_compacted(p.key_valid, dropped_local)
+        self._check_group_agrees()
+
+    def _check_group_agrees(self) -> None:
+        """Under tensor parallelism: every rank kept the same visual tokens (one all-gathered digest), or raise."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.check_agreement(self.cache)
 
     # ------------------------------------------------------------------ select + compact
 

@@ -9,6 +9,7 @@ and decoding are shared; a new method is a new file in this folder plus one line
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,8 @@ class ScoringContext:
         extras: scratch space shared by the stages of one forward (e.g. SparseVLM's raters).
         original_positions: ``(B, S_cur)`` at a later stage of a progressive schedule, the position in
             this forward's tokens behind each current slot (``None`` at the first stage).
+        tensor_parallel: under a tensor-parallel model, its group (``keys`` then hold this rank's heads only;
+            :meth:`attention` gathers every head, :meth:`sum_over_key_heads` sums over all of them).
     """
 
     inputs_embeds: torch.Tensor
@@ -60,6 +63,14 @@ class ScoringContext:
     generator: torch.Generator | None = None
     extras: dict = field(default_factory=dict)
     original_positions: torch.Tensor | None = None
+    tensor_parallel: Any = None  # a sparse_cache.distributed.TensorParallel under a tensor-parallel model
+
+    def sum_over_key_heads(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over the layer's key heads, from this process's sum over the heads it holds (``keys``)."""
+        if self.tensor_parallel is None:
+            return partial
+        total = self.attn_module.config.num_key_value_heads
+        return self.tensor_parallel.sum_heads(partial, self.keys.shape[1], total)
 
     @property
     def batch_size(self) -> int:
@@ -70,7 +81,7 @@ class ScoringContext:
         if self.keys is None:
             raise RuntimeError("this scorer asked for attention but no scoring layer was captured")
         query_positions = query_positions.to(self.hidden_states.device)
-        return attention_rows(
+        probs = attention_rows(
             self.attn_module,
             self.hidden_states[row],
             self.cos[row],
@@ -80,6 +91,9 @@ class ScoringContext:
             query_positions + self.past_length,
             self.key_valid[row].to(self.keys.device),
         )
+        if self.tensor_parallel is not None:  # every rank: all heads, in the single-process order
+            probs = self.tensor_parallel.gather_heads(probs, self.attn_module.config.num_attention_heads)
+        return probs
 
     def attention_to_visual(self, row: int, query_positions: torch.Tensor) -> torch.Tensor:
         """``(H, R, N_visual)`` attention of ``query_positions`` to the row's visual tokens."""

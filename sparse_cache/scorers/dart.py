@@ -87,7 +87,8 @@ class DartScorer(Scorer):
                 scores.append(row_scores)
                 continue
             keys = context.keys[row]  # (H_kv, P + S, d)
-            key_norm = keys.float().abs().sum(dim=(0, 2)).to(device)  # L1 norm of every key column
+            # L1 norm of every key column (over every key head, this rank's under tensor parallelism: summed)
+            key_norm = context.sum_over_key_heads(keys.float().abs().sum(dim=(0, 2))).to(device)
             columns = context.past_length + torch.arange(hidden.shape[0], device=device)
             norm = key_norm[columns]  # (S,) this forward's tokens
             text = text.to(device)
