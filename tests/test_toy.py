@@ -28,7 +28,7 @@ from sparse_cache.toy import (
     make_scene,
     toy_processor,
 )
-from sparse_cache.toy import quality
+from sparse_cache.toy import quality, stats
 from sparse_cache.toy.train import BatchEncoder, draw_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,6 +235,61 @@ def test_quality_benchmark_runs_on_a_small_sample(toy, tmp_path):
     assert json.loads(paths["json"].read_text())["settings"]["samples"] == 6
     assert "followup-same" in paths["markdown"].read_text()
     assert paths["plot"].stat().st_size > 0
+
+
+def _within(value, ci):
+    return value is None or ci[0] <= value <= ci[1]
+
+
+def test_quality_report_carries_intervals_and_sample_counts(toy, tmp_path):
+    """Every figure has its interval (holding the figure) and its n, in memory and in the JSON; the paired
+    comparisons are there for every pruned row, and recomputing them gives the same numbers (fixed seed)."""
+    model, processor = toy
+    report = quality.run_quality(
+        model, processor, scorers=["sparsevlm", "random", "oracle"], keep_ratios=[1.0, 0.1],
+        protocols=["followup-different"], samples=12, batch_size=12,
+    )
+    results = report["results"]
+    assert {r["n"] for r in results} == {12}
+    n_yes = sum(c.answers[1] == "yes" for c in quality_data(12, "followup-different"))
+    assert {r["n_recall"] for r in results} == {n_yes} and 0 < n_yes < 12
+    for row in results:
+        assert row["accuracy_ci"] == list(stats.wilson_interval(round(row["accuracy"] * 12), 12))
+        assert _within(row["accuracy"], row["accuracy_ci"]) and _within(row["queried_recall"], row["queried_recall_ci"])
+        per_sample = row[quality.PER_SAMPLE]
+        assert per_sample["accuracy"].mean() == row["accuracy"]
+        assert np.nanmean(per_sample["queried_recall"]) == pytest.approx(row["queried_recall"])
+        assert list(stats.bootstrap_interval(per_sample["queried_recall"][~np.isnan(per_sample["queried_recall"])])) \
+            == row["queried_recall_ci"]
+    pruned = [r for r in results if r["keep_ratio"] == 0.1]
+    assert all(r["kept_tokens"] == round(0.1 * 64) < 64 for r in pruned)  # pruning happened
+    comparisons = report["comparisons"]
+    # each pruned scorer against unpruned (accuracy), random and sparsevlm (accuracy and recall), not itself
+    assert len(comparisons) == 3 * 1 + 2 * 2 + 2 * 2
+    for c in comparisons:
+        assert c["n"] == (12 if c["metric"] == "accuracy" else n_yes)
+        assert c["ci"][0] <= c["difference"] <= c["ci"][1] and c["separated"] == (c["ci"][0] > 0 or c["ci"][1] < 0)
+    oracle = next(c for c in comparisons if (c["scorer"], c["baseline"], c["metric"]) == ("oracle", "random",
+                                                                                        "queried_recall"))
+    assert oracle["difference"] > 0.5 and oracle["separated"]  # keeps every queried cell, random 10%
+    assert quality.paired_comparisons(results) == comparisons  # reproducible: fixed bootstrap seed
+    paths = quality.write_report(report, tmp_path, plot=False)
+    written = json.loads(paths["json"].read_text())
+    assert written["settings"]["intervals"] == quality.INTERVALS and written["settings"]["samples"] == 12
+    for row, original in zip(written["results"], results):
+        assert quality.PER_SAMPLE not in row
+        for key in ("n", "n_recall", "accuracy", "accuracy_ci", "queried_recall", "queried_recall_ci"):
+            assert row[key] == original[key]
+    assert written["comparisons"] == json.loads(json.dumps(comparisons))
+    text = paths["markdown"].read_text()
+    assert "n = 12 samples" in text and "Paired difference" in text
+    assert quality.markdown_report(written) == text  # the tables can be rebuilt from the JSON alone
+
+
+def quality_data(samples, protocol, seed=0):
+    """The conversations :func:`quality.run_quality` draws for ``protocol`` (same seeding)."""
+    rng = np.random.default_rng([seed, list(quality.PROTOCOLS).index(protocol)])
+    return [make_followup(rng, same=protocol.endswith("same")) for _ in range(samples)]
 
 
 class _UnseenCache(DynamicCache):

@@ -1,6 +1,6 @@
 """Quality benchmark of every pruning method on the toy VLM::
 
-    python -m sparse_cache.toy.quality [--samples 200] [--out-dir toy_quality] [--force]
+    python -m sparse_cache.toy.quality [--samples 400] [--out-dir toy_quality] [--force]
 
 The default ``--out-dir`` is ``toy_quality`` in the current folder (scratch, not the committed results); existing
 report files are never overwritten without ``--force`` (the committed results in ``benchmarks/quality`` are
@@ -25,7 +25,12 @@ the pruned cache kept (the ``k``-th image token is cell ``k``, row-major), under
 the model with a plain ``DynamicCache``; every scorer's ``keep_ratio=1.0`` equals it (oracle 1 of
 ``../../docs/oracles.md``), so that column is reported once.
 
-Writes ``quality.md`` (tables), ``quality.json`` (every number and the settings) and ``quality.png``.
+Every figure comes with a 95% interval (accuracy: Wilson score; share of queried cells kept: percentile
+bootstrap over the samples) and the number of samples; differences between rows are paired bootstrap
+intervals on the same samples (:mod:`.stats`); a difference is called only when its interval excludes 0.
+
+Writes ``quality.md`` (tables), ``quality.json`` (every number, interval and comparison, and the settings) and
+``quality.png`` (with error bars).
 """
 
 
@@ -52,6 +57,10 @@ from ..cache import PrunableDynamicCache
 from ..scorers import SCORERS, Scorer, ScoringContext
 from ..select import budget, scaled_layer
 from .model import build_inputs, followup_text, load_toy_vlm
+from .stats import (
+    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, bootstrap_interval, intervals_separate, paired_difference,
+    wilson_interval,
+)
 from .task import ANSWERS, make_followup, make_sample
 
 logger = logging.getLogger(__name__)
@@ -64,6 +73,9 @@ __all__ = [
     "evaluate_single",
     "evaluate_followup",
     "run_quality",
+    "paired_comparisons",
+    "markdown_report",
+    "report_json",
     "write_report",
     "main",
 ]
@@ -83,6 +95,10 @@ PROTOCOLS = {
 TEXT_AGNOSTIC = ("random", "uniform", "divprune")
 ORACLE = "oracle"
 UNPRUNED = "unpruned"
+#: key of a result row's per-sample outcomes (kept in memory for paired comparisons, not written to the JSON)
+PER_SAMPLE = "per_sample"
+#: metrics with a per-sample value, an interval and paired comparisons
+METRICS = ("accuracy", "queried_recall")
 #: pruning layer of protocol (c) for scorers without a scoring layer of their own
 IN_PREFILL_DEFAULT_LAYER = 2
 
@@ -198,20 +214,37 @@ def _answers(processor, tokens: torch.Tensor) -> list[str]:
 
 
 def _tally(records: list[dict]) -> dict:
+    """The metrics of one (protocol, scorer, budget) run over its samples, each with its 95% interval.
+
+    ``accuracy_ci``: Wilson score interval; ``queried_recall_ci``: percentile bootstrap over the ``n_recall``
+    samples whose answer is yes (:mod:`.stats`). ``per_sample`` (in memory, not written to the JSON) keeps the
+    per-sample outcomes, in sample order, for the paired comparisons of :func:`paired_comparisons`.
+    """
     n = len(records)
     yes = [r for r in records if r["answer"] == ANSWERS[0]]
     no = [r for r in records if r["answer"] != ANSWERS[0]]
     recalls = [r["recall"] for r in yes]
+    correct = sum(r["correct"] for r in records)
     out = {
         "n": n,
-        "accuracy": sum(r["correct"] for r in records) / n if n else math.nan,
+        "accuracy": correct / n if n else math.nan,
+        "accuracy_ci": list(wilson_interval(correct, n)),
         "accuracy_yes": sum(r["correct"] for r in yes) / len(yes) if yes else math.nan,
         "accuracy_no": sum(r["correct"] for r in no) / len(no) if no else math.nan,
+        "n_recall": len(recalls),
         "queried_recall": float(np.mean(recalls)) if recalls else math.nan,
+        "queried_recall_ci": list(bootstrap_interval(recalls)),
         "kept_tokens": float(np.mean([r["kept"] for r in records])) if records else math.nan,
     }
     if records and "first_correct" in records[0]:
-        out["first_turn_accuracy"] = sum(r["first_correct"] for r in records) / n
+        first = sum(r["first_correct"] for r in records)
+        out["first_turn_accuracy"] = first / n
+        out["first_turn_accuracy_ci"] = list(wilson_interval(first, n))
+    out[PER_SAMPLE] = {
+        "accuracy": np.array([float(r["correct"]) for r in records]),
+        # NaN for the samples whose answer is no (no queried cell): the same samples for every scorer
+        "queried_recall": np.array([r["recall"] if r["answer"] == ANSWERS[0] else math.nan for r in records]),
+    }
     return out
 
 
@@ -322,7 +355,7 @@ def run_quality(
     scorers: Sequence[str] | None = None,
     keep_ratios: Sequence[float] = KEEP_RATIOS,
     protocols: Sequence[str] | None = None,
-    samples: int = 200,
+    samples: int = 400,
     seed: int = 0,
     batch_size: int = 100,
     progress: bool = False,
@@ -376,7 +409,7 @@ def run_quality(
         except ImportError:  # pragma: no cover
             pass
     results = []
-    start_time = time.time()
+    start_time, start_cpu = time.time(), time.process_time()
     batches = {name: encode_batches(processor, items, batch_size) for name, items in data.items()}
     for name, scorer, ratio in iterator:
         if name.startswith("followup"):
@@ -398,14 +431,74 @@ def run_quality(
     settings = {
         "samples": samples,
         "seed": seed,
+        "intervals": INTERVALS,
         "keep_ratios": ratios,
         "scorers": scorers,
         "protocols": {p: PROTOCOLS[p] for p in protocols},
         "seconds": round(time.time() - start_time, 1),
+        "cpu_seconds": round(time.process_time() - start_cpu, 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
-    return {"settings": settings, "results": results, "skipped": skipped}
+    return {"settings": settings, "results": results, "comparisons": paired_comparisons(results), "skipped": skipped}
+
+
+#: how every interval of the report is computed (written to the JSON's settings)
+INTERVALS = {
+    "confidence": CONFIDENCE,
+    "accuracy": "Wilson score interval (binomial proportion)",
+    "queried_recall": f"percentile bootstrap over the samples whose answer is yes ({BOOTSTRAP_RESAMPLES} resamples, "
+                      f"seed {BOOTSTRAP_SEED})",
+    "comparisons": "paired percentile bootstrap of the per-sample differences between two rows on the same samples "
+                   "(same resamples); 'separated': the interval excludes 0, the only case a difference is called",
+}
+#: the rows each result row is compared with, on the same samples (same protocol; same budget, except unpruned)
+BASELINES = (UNPRUNED, "random", DEFAULT_SCORER)
+
+
+def _budget(row: dict):
+    """The column of a row (its keep ratio): rows are compared with a baseline of the same protocol and column."""
+    return row["keep_ratio"]
+
+
+def _baseline_row(results: list[dict], row: dict, baseline: str) -> dict | None:
+    for r in results:
+        if (r["protocol"] == row["protocol"] and r["scorer"] == baseline and not r.get("same_as")
+                and (baseline == UNPRUNED or _budget(r) == _budget(row))):
+            return r
+    return None
+
+
+def paired_comparisons(
+    results: list[dict], baselines: Sequence[str] = BASELINES, metrics: Sequence[str] = METRICS
+) -> list[dict]:
+    """Paired bootstrap differences ``row - baseline`` for every pruned row with per-sample outcomes.
+
+    One entry per (row, baseline, metric): ``protocol``, ``keep_ratio``, ``scorer``, ``baseline``, ``metric``,
+    ``difference``, ``ci``, ``n``, ``separated`` (the interval excludes 0: a difference is called) and
+    ``intervals_separate`` (the two rows' own intervals are disjoint, a stricter test). Against ``unpruned``
+    only the accuracy is compared. Rows without per-sample outcomes (e.g. read back from a JSON) are skipped.
+    """
+    out = []
+    for row in results:
+        if PER_SAMPLE not in row or row.get("same_as") or row["scorer"] == UNPRUNED:
+            continue
+        for baseline in baselines:
+            base = _baseline_row(results, row, baseline) if baseline != row["scorer"] else None
+            if base is None or PER_SAMPLE not in base:
+                continue
+            for metric in metrics if baseline != UNPRUNED else ("accuracy",):
+                a, b = row[PER_SAMPLE][metric], base[PER_SAMPLE][metric]
+                valid = ~np.isnan(a)
+                if a.shape != b.shape or not np.array_equal(valid, ~np.isnan(b)):
+                    raise RuntimeError(f"{row['scorer']} and {baseline} ({row['protocol']}) were not measured on the "
+                                       "same samples: no paired comparison")
+                out.append({
+                    "protocol": row["protocol"], "keep_ratio": row["keep_ratio"], "scorer": row["scorer"],
+                    "baseline": baseline, "metric": metric, **paired_difference(a[valid], b[valid]),
+                    "intervals_separate": intervals_separate(row[f"{metric}_ci"], base[f"{metric}_ci"]),
+                })
+    return out
 
 
 def _lookup(results, protocol, scorer, ratio):
@@ -415,44 +508,111 @@ def _lookup(results, protocol, scorer, ratio):
     return None
 
 
-def _fmt(x, percent=False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+def _comparison(report, protocol, scorer, baseline, ratio, metric):
+    for c in report.get("comparisons", []):
+        if (c["protocol"], c["scorer"], c["baseline"], c["keep_ratio"], c["metric"]) == (
+                protocol, scorer, baseline, ratio, metric):
+            return c
+    return None
+
+
+def _nan(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _fmt(x, percent=False, sign=False) -> str:
+    if _nan(x):
         return "-"
-    return f"{100 * x:.0f}%" if percent else f"{x:.3f}"
+    if percent:
+        return f"{100 * x:+.0f}" if sign else f"{100 * x:.0f}"
+    return f"{x:+.3f}" if sign else f"{x:.3f}"
+
+
+def _fmt_ci(value, ci, percent=False, sign=False) -> str:
+    """``0.895 [0.847, 0.930]``; percentages as ``76% [70, 82]``."""
+    if _nan(value):
+        return "-"
+    text = _fmt(value, percent, sign) + ("%" if percent and not sign else "")  # differences: in points
+    if ci is None or any(_nan(x) for x in ci):
+        return text
+    return f"{text} [{_fmt(ci[0], percent, sign)}, {_fmt(ci[1], percent, sign)}]"
+
+
+def _scorer_label(scorer: str) -> str:
+    return f"`{scorer}`" + (" (text-agnostic)" if scorer in TEXT_AGNOSTIC else "")
+
+
+def _table(columns: Sequence, rows: Sequence[str], cell, label=_scorer_label, corner="scorer") -> list[str]:
+    """A markdown table: one line per ``rows`` entry, ``cell(row, column)`` -> text (``None``: ``-``). Adding rows
+    (e.g. other budgets) or columns needs no change here."""
+    lines = [f"| {corner} | " + " | ".join(f"keep {c:g}" if isinstance(c, float) else str(c) for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append(f"| {label(row)} | " + " | ".join(cell(row, c) or "-" for c in columns) + " |")
+    return lines
 
 
 def markdown_report(report: dict) -> str:
-    """Markdown tables: per protocol, accuracy and queried-cell recall per scorer and keep ratio."""
+    """Markdown tables per protocol: accuracy and queried-cell recall with their 95% intervals per scorer and keep
+    ratio, then the paired differences from each baseline (bold: the interval excludes 0)."""
     settings, results = report["settings"], report["results"]
     ratios = settings["keep_ratios"]
+    pruned = [r for r in ratios if r < 1.0]
+    intervals = settings.get("intervals", INTERVALS)
     lines = [
         "# Toy VLM quality benchmark",
         "",
         f"{settings['samples']} samples per protocol (seed {settings['seed']}), transformers "
-        f"{settings['versions']['transformers']}, torch {settings['versions']['torch']}. Cells: accuracy / share "
-        "of the queried colour's cells kept (over the samples whose answer is yes). "
+        f"{settings['versions']['transformers']}, torch {settings['versions']['torch']}. "
         "`oracle` keeps the queried cells (upper bound, not a method); text-agnostic baselines: "
         + ", ".join(f"`{s}`" for s in TEXT_AGNOSTIC if s in settings["scorers"])
         + ". Keep ratio 1.0 is the unpruned model for every scorer.",
+        "",
+        f"Every figure comes with its {100 * intervals['confidence']:g}% confidence interval in brackets: accuracy: "
+        f"{intervals['accuracy']} over the n samples; share of the queried colour's cells kept: "
+        f"{intervals['queried_recall']}; differences: {intervals['comparisons']}. A difference is **bold** when "
+        "its interval excludes 0. The intervals cover the sampling of the boards (another data seed), not the "
+        "training run of the model. No correction for the number of comparisons: at 95%, about 1 in 20 "
+        "comparisons of two equal methods is called.",
         "",
     ]
     for protocol, description in settings["protocols"].items():
         base = _lookup(results, protocol, UNPRUNED, 1.0)
         lines += [f"## {protocol}", "", description + ".", ""]
-        extra = ""
-        if base is not None and "first_turn_accuracy" in base:
-            extra = " First-turn accuracy unpruned: " + _fmt(base["first_turn_accuracy"]) + "."
-        lines += [f"Unpruned accuracy: {_fmt(base['accuracy']) if base else '-'}.{extra}", ""]
-        header = "| scorer | " + " | ".join(f"keep {r:g}" for r in ratios) + " |"
-        lines += [header, "|---|" + "---|" * len(ratios)]
-        for scorer in settings["scorers"]:
-            cells = []
-            for ratio in ratios:
+        if base is not None:
+            extra = ""
+            if "first_turn_accuracy" in base:
+                extra = " First-turn accuracy unpruned: " + _fmt_ci(base["first_turn_accuracy"],
+                                                                    base.get("first_turn_accuracy_ci")) + "."
+            lines += [f"n = {base['n']} samples ({base.get('n_recall', '-')} whose answer is yes). Unpruned accuracy: "
+                      f"{_fmt_ci(base['accuracy'], base.get('accuracy_ci'))}.{extra}", ""]
+
+        def value(metric, percent):
+            def cell(scorer, ratio):
                 r = _lookup(results, protocol, scorer, ratio)
-                cells.append("-" if r is None else f"{_fmt(r['accuracy'])} / {_fmt(r['queried_recall'], True)}")
-            label = f"`{scorer}`" + (" (text-agnostic)" if scorer in TEXT_AGNOSTIC else "")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
+                return None if r is None else _fmt_ci(r[metric], r.get(f"{metric}_ci"), percent)
+            return cell
+
+        lines += ["Accuracy:", ""] + _table(ratios, settings["scorers"], value("accuracy", False)) + [""]
+        lines += ["Share of the queried cells kept (samples whose answer is yes):", ""]
+        lines += _table(ratios, settings["scorers"], value("queried_recall", True)) + [""]
+        for baseline in BASELINES:
+            for metric, percent in (("accuracy", False), ("queried_recall", True)):
+                others = [s for s in settings["scorers"] if s != baseline]
+
+                def difference(scorer, ratio, baseline=baseline, metric=metric, percent=percent):
+                    c = _comparison(report, protocol, scorer, baseline, ratio, metric)
+                    if c is None:
+                        return None
+                    text = _fmt_ci(c["difference"], c["ci"], percent, sign=True)
+                    return f"**{text}**" if c["separated"] else text
+
+                if not any(_comparison(report, protocol, s, baseline, r, metric) for s in others for r in pruned):
+                    continue
+                what = "accuracy" if metric == "accuracy" else "share of the queried cells kept (points)"
+                against = "the unpruned model" if baseline == UNPRUNED else f"`{baseline}` at the same keep ratio"
+                lines += [f"Paired difference in {what} from {against}:", ""]
+                lines += _table(pruned, others, difference) + [""]
     for protocol, message in report.get("skipped", {}).items():
         lines += [f"## {protocol}", "", f"Skipped: {message}.", ""]
     return "\n".join(lines)
@@ -468,15 +628,19 @@ def plot_report(report: dict, path: str | Path) -> None:
     settings, results = report["settings"], report["results"]
     protocols = list(settings["protocols"])
     ratios = settings["keep_ratios"]
-    fig, axes = plt.subplots(2, len(protocols), figsize=(4 * len(protocols), 7), squeeze=False, sharey="row")
+    fig, axes = plt.subplots(2, len(protocols), figsize=(4.5 * len(protocols), 7.5), squeeze=False, sharey="row")
     palette = plt.get_cmap("tab20").colors
     colours = {}
     for scorer in settings["scorers"]:
         base = parse_scorer(scorer)[0]
         if base not in colours:  # a scorer at another layer (NAME@LAYER) shares its scorer's colour
             colours[base] = palette[(2 * len(colours)) % 20 + (len(colours) >= 10)]
+    scorers = settings["scorers"]
+    # each scorer's points are shifted a little along the (log) x axis so that the error bars do not overlap
+    spread = 0.18
+    shift = {s: math.exp(spread * ((i / max(len(scorers) - 1, 1)) - 0.5)) for i, s in enumerate(scorers)}
     for col, protocol in enumerate(protocols):
-        for scorer in settings["scorers"]:
+        for scorer in scorers:
             base, layer = parse_scorer(scorer)
             style = dict(marker="o", linewidth=1.5, markersize=4, color=colours[base])
             if scorer in TEXT_AGNOSTIC:
@@ -485,14 +649,18 @@ def plot_report(report: dict, path: str | Path) -> None:
                 style.update(linestyle=":", marker="^v<>"[layer % 4], markersize=6)
             if scorer == ORACLE:
                 style.update(color="black", linestyle=":", marker="s")
-            for row, metric in enumerate(("accuracy", "queried_recall")):
-                xs, ys = [], []
+            for row, metric in enumerate(METRICS):
+                xs, ys, lows, highs = [], [], [], []
                 for ratio in ratios:
                     r = _lookup(results, protocol, scorer, ratio)
-                    if r is not None and not math.isnan(r[metric]):
-                        xs.append(ratio)
+                    if r is not None and not _nan(r[metric]):
+                        lo, hi = r.get(f"{metric}_ci") or (r[metric], r[metric])
+                        xs.append(ratio * shift[scorer])
                         ys.append(r[metric])
-                axes[row, col].plot(xs, ys, label=scorer, **style)
+                        lows.append(r[metric] - (r[metric] if _nan(lo) else lo))
+                        highs.append((r[metric] if _nan(hi) else hi) - r[metric])
+                axes[row, col].errorbar(xs, ys, yerr=[lows, highs], label=scorer, capsize=2, elinewidth=0.9,
+                                        **style)
         axes[0, col].axhline(0.5, color="gray", linewidth=0.8, linestyle="-.")  # chance
         axes[0, col].set_ylim(0.4, 1.02)
         axes[1, col].set_ylim(-0.02, 1.02)
@@ -507,7 +675,9 @@ def plot_report(report: dict, path: str | Path) -> None:
                 ax.set_ylabel(metric)
         axes[0, col].set_title(protocol)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"toy VLM: {settings['samples']} samples per protocol")
+    confidence = settings.get("intervals", INTERVALS)["confidence"]
+    fig.suptitle(f"toy VLM: {settings['samples']} samples per protocol, bars: {100 * confidence:g}% intervals "
+                 "(accuracy: Wilson; queried cells kept: bootstrap)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -528,17 +698,37 @@ def write_report(report: dict, out_dir: str | Path, plot: bool = True, force: bo
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / REPORT_FILES["markdown"], "json": out_dir / REPORT_FILES["json"]}
     paths["markdown"].write_text(markdown_report(report))
-    paths["json"].write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    paths["json"].write_text(report_json(report))
     if plot:
         paths["plot"] = out_dir / REPORT_FILES["plot"]
         plot_report(report, paths["plot"])
     return paths
 
 
-def _json_default(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    raise TypeError(type(x).__name__)
+def _plain(x):
+    """JSON-ready copy: NaN -> null, numpy scalars -> Python numbers, per-sample outcomes dropped."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items() if k != PER_SAMPLE}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if math.isnan(x) else float(x)
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
+    return x
+
+
+def report_json(report: dict) -> str:
+    """The report as JSON text: settings indented, one line per result row and per comparison (a reviewable
+    diff); NaN written as null; the in-memory per-sample outcomes left out."""
+    parts = []
+    for key, value in _plain(report).items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            body = "[\n" + ",\n".join("    " + json.dumps(v) for v in value) + "\n  ]"
+        else:
+            body = json.dumps(value, indent=2).replace("\n", "\n  ")
+        parts.append(f"  {json.dumps(key)}: {body}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _csv(value: str, cast=str) -> list:
@@ -547,7 +737,7 @@ def _csv(value: str, cast=str) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparse_cache.toy.quality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=200, help="samples per protocol (default 200)")
+    parser.add_argument("--samples", type=int, default=400, help="samples per protocol (default 400)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scorers", type=lambda v: _csv(v), default=None,
                         help="comma-separated scorers, NAME or NAME@LAYER to override the scoring layer (default: "
