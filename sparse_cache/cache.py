@@ -23,6 +23,7 @@ from . import hooks
 from ._compat import CACHE_KWARG
 from .lifecycle import PruningLifecycle
 from .models import adapter_for as adapt
+from .prellm import validate_pre_llm
 from .scorers import Scorer, get_scorer
 from .select import derive_schedule, validate_budget, validate_schedule
 
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: ``post-prefill``: the prefill runs on every token, the cache is compacted right after it (default).
 #: ``in-prefill``: the layers after the scoring layer compute only the kept tokens (SparseVLM proper).
-MODES = ("post-prefill", "in-prefill")
+#: ``pre-llm``: visual tokens are dropped from the language model's input, before layer 0 (embedding scorers).
+MODES = ("post-prefill", "in-prefill", "pre-llm")
 
 
 class PrunableDynamicCache(DynamicCache):
@@ -67,7 +69,10 @@ class PrunableDynamicCache(DynamicCache):
             visual tokens plus all text, so the later layers of the prefill compute fewer tokens (with
             their original positions); the earlier layers' caches are compacted to the same set at the
             end of the prefill. In this mode a prefill forward returns logits for the kept tokens only
-            (``generate`` reads the last one).
+            (``generate`` reads the last one). ``"pre-llm"``: the scorer reads the input embeddings and the
+            dropped visual tokens never enter the language model (every layer computes the kept tokens only,
+            at their original positions); embedding scorers only (``cosine``, ``divprune``, ``cdpruner``,
+            ``uniform``, ``random``, ``dart_embed``), logits for the kept tokens only, as in-prefill.
         schedule: in-prefill only, a progressive schedule: ``"sparsevlm"`` derives the authors' three
             pruning layers (2/6/15 of 32, scaled to the model's depth) and budgets so that the average
             over layers of the visual tokens computed is ``keep_ratio``; or an explicit
@@ -116,6 +121,8 @@ class PrunableDynamicCache(DynamicCache):
             validate_budget(keep_ratio, keep_tokens)
         adapter = adapt(model)
         self.scorer = get_scorer(scorer)
+        if mode == "pre-llm":
+            validate_pre_llm(self.scorer, scoring_layer)
         if scoring_layer is None and schedule is None:
             scoring_layer = adapter.default_scoring_layer(self.scorer.default_layer)
         if scoring_layer is not None:

@@ -56,8 +56,11 @@ DEFAULT_PROMPT = "Describe this image."
 EXAMPLE_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 _DTYPES = ("float32", "float16", "bfloat16")
 #: the library's names, known here without importing it (tests/test_cli.py checks they match the library's)
-MODES = ("post-prefill", "in-prefill")
-SCORER_NAMES = ("cdpruner", "cosine", "dart", "divprune", "fastv", "random", "sparsevlm", "sparsevlm_plus", "uniform")
+MODES = ("post-prefill", "in-prefill", "pre-llm")
+SCORER_NAMES = ("cdpruner", "cosine", "dart", "dart_embed", "divprune", "fastv", "random", "sparsevlm", "sparsevlm_plus",
+                "uniform")
+#: the scorers that read only the input embeddings (``default_layer is None``): the ones --mode pre-llm accepts
+EMBEDDING_SCORER_NAMES = ("cdpruner", "cosine", "dart_embed", "divprune", "random", "uniform")
 FAMILIES_TEXT = (
     "Qwen2-VL (Qwen2VLForConditionalGeneration), Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), "
     "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration); "
@@ -185,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--mode", default=MODES[0], choices=MODES,
         help=f"{MODES[0]}: compact the cache after the prefill (default); in-prefill: later prefill layers "
-        "already compute only the kept tokens",
+        "already compute only the kept tokens; pre-llm: visual tokens are dropped before the language model "
+        "(embedding scorers: --scorer cosine, divprune, cdpruner, uniform, random or dart_embed)",
     )
     gen.add_argument(
         "--schedule", choices=["sparsevlm"],
@@ -659,6 +663,12 @@ def check_flags(args: argparse.Namespace) -> None:
         raise CLIError(
             f"--adaptive-scale needs the raters' attention, which --scorer {args.scorer} does not compute; "
             f"use --scorer {' or --scorer '.join(ADAPTIVE_SCORERS)}, or --keep-ratio/--keep-tokens"
+        )
+    if args.mode == "pre-llm" and args.scorer not in EMBEDDING_SCORER_NAMES:
+        raise CLIError(
+            f"--mode pre-llm drops visual tokens before the language model, but --scorer {args.scorer} reads a "
+            f"decoder layer's attention inputs; use --scorer {' or '.join(EMBEDDING_SCORER_NAMES)} (or --mode "
+            "post-prefill / in-prefill)"
         )
     if args.schedule is None:
         return

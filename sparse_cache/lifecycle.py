@@ -27,6 +27,7 @@ from ._compat import CACHE_KWARG, get_arg, set_arg
 from .assisted import AssistedSplitMixin
 from .distributed import tensor_parallel_of
 from .inprefill import InPrefillMixin, left_packed
+from .prellm import PreLLMMixin
 from .scorers import ScoringContext
 from .select import adaptive_keep_count, select_visual
 
@@ -56,9 +57,10 @@ class _Pass:
     cuts: list = field(default_factory=list)  # (index, valid, layer) after each in-prefill stage
     recycled: list = field(default_factory=list)  # (row, final slot, member tokens) of recycled tokens
     extras: dict = field(default_factory=dict)
+    pre_llm: dict | None = None  # pre-llm mode: the cut handed to the language model (prellm.py)
 
 
-class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
+class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
     """Capture, score, select and compact for one cache (one conversation), one forward at a time."""
 
     def __init__(self, cache, adapter, options):
@@ -223,6 +225,8 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
                 p.key_valid = torch.ones(batch, physical_len, dtype=torch.bool, device=embeds.device)
             else:
                 p.key_valid = physical_mask.to(embeds.device).bool()
+            if self.mode == "pre-llm":
+                return self._cut_before_llm(p, args, kwargs, physical_mask)
         if physical_mask is mask:
             return None
         return set_arg(args, kwargs, names, "attention_mask", physical_mask)
@@ -315,6 +319,10 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin):
             return
         if stage != "text":
             self.cache.hooks_did_not_fire("the decoder's pre-hook did not run for a forward that holds visual tokens")
+        if p.pre_llm is not None:  # pre-llm: the language model already computed only the kept tokens
+            with torch.no_grad():
+                self._finish_pre_llm(p)
+            return
         if self.mode == "in-prefill" and not p.cuts and p.scores is not None:
             self.cache.hooks_did_not_fire(
                 f"in-prefill mode scored at layer {self._stage_layers[p.stage]} but the decoder layer's hook did not "

@@ -290,7 +290,8 @@ def _schedule_kept(model_dir, keep_ratio, total):
     (["--mode", "in-prefill", "--schedule", "sparsevlm", "--keep-ratio", "0.5"],
      lambda model_dir: _schedule_kept(model_dir, 0.5, 16)),
     (["--adaptive-scale", "0.5"], None),  # rank-based: some, not all (checked below)
-], ids=["keep-ratio", "keep-tokens", "in-prefill", "in-prefill-tokens", "schedule", "adaptive"])
+    (["--mode", "pre-llm", "--scorer", "dart_embed", "--keep-ratio", "0.25"], lambda model_dir: 4),
+], ids=["keep-ratio", "keep-tokens", "in-prefill", "in-prefill-tokens", "schedule", "adaptive", "pre-llm"])
 def test_modes_and_budgets(capsys, model_dir, tmp_path, budget_args, kept):
     small = tmp_path / "small.png"
     testing.synthetic_image(112, 112).save(small)  # 4 x 4 = 16 visual tokens

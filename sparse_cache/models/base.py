@@ -218,3 +218,20 @@ class VLMAdapter:
     def set_active_layout(self, layout: dict | None) -> None:
         """The in-prefill layout of the forward in progress changed (``None``: no cut in progress). Families
         with per-token features beyond the hidden states (DeepStack) follow it; a no-op by default."""
+
+    # ------------------------------------------------------------------ pre-LLM pruning
+    def gather_positions(self, position_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The position ids of the kept slots ``index`` ``(B, K)``: every leading row (M-RoPE's text and 3-D rows,
+        or none for 1-D positions) gathered along the sequence axis; a batch axis of 1 is expanded first."""
+        lead = position_ids.shape[:-2]
+        batch = index.shape[0]
+        if position_ids.ndim == 1:
+            position_ids = position_ids[None]
+            lead = ()
+        rows = position_ids.expand(*lead, batch, position_ids.shape[-1])
+        return rows.gather(-1, index.expand(*lead, *index.shape))
+
+    def cut_text_inputs(self, kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> dict:
+        """The text model's per-token keyword inputs beyond embeddings, positions and mask, cut to the kept slots
+        ``index``/``valid`` ``(B, K)`` of a pre-LLM cut; none by default."""
+        return kwargs

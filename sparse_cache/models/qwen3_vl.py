@@ -74,3 +74,17 @@ class Qwen3VLAdapter(MRopeAdapter):
     def set_active_layout(self, layout: dict | None):
         """Called by the lifecycle when an in-prefill cut changes the layout of the forward in progress."""
         return ACTIVE_LAYOUT.set(layout)
+
+    def cut_text_inputs(self, kwargs: dict, index: torch.Tensor, valid: torch.Tensor) -> dict:
+        """Pre-LLM cut: the DeepStack visual mask and every layer's features follow the kept slots."""
+        masks, features = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
+        if masks is None or features is None:
+            return kwargs
+        layout = {"index": index, "valid": valid}
+        cut = [cut_deepstack(layout, masks, layer_features) for layer_features in features]
+        if cut:
+            kwargs["visual_pos_masks"] = cut[0][0]
+        else:
+            kwargs["visual_pos_masks"] = masks.gather(1, index.to(masks.device)) & valid.to(masks.device)
+        kwargs["deepstack_visual_embeds"] = [layer_features for _, layer_features in cut]
+        return kwargs

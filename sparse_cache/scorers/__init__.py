@@ -6,6 +6,7 @@ from .base import Scorer, ScoringContext
 from .cdpruner import CDPrunerScorer
 from .cosine import CosineScorer
 from .dart import DartScorer
+from .dart_embed import DartEmbedScorer
 from .divprune import DivPruneScorer
 from .fastv import FastVScorer
 from .random import RandomScorer
@@ -23,6 +24,7 @@ SCORERS: dict[str, type[Scorer]] = {
     DivPruneScorer.name: DivPruneScorer,
     CDPrunerScorer.name: CDPrunerScorer,
     DartScorer.name: DartScorer,
+    DartEmbedScorer.name: DartEmbedScorer,
 }
 
 
@@ -42,4 +44,4 @@ def get_scorer(scorer: str | Scorer) -> Scorer:
 
 __all__ = ["SCORERS", "Scorer", "ScoringContext", "get_scorer", "select_raters", "SparseVLMScorer",
            "FastVScorer", "RandomScorer", "UniformScorer", "CosineScorer", "DivPruneScorer", "CDPrunerScorer",
-           "DartScorer"]
+           "DartScorer", "DartEmbedScorer"]
