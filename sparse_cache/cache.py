@@ -21,11 +21,13 @@ from transformers import DynamicCache
 
 from . import hooks
 from ._compat import CACHE_KWARG
+from .budget import check_auto_budget, resolve_auto_budget
 from .lifecycle import PruningLifecycle
 from .models import adapter_for as adapt
 from .prellm import validate_pre_llm
 from .scorers import Scorer, get_scorer
 from .select import derive_schedule, validate_budget, validate_schedule
+from .stats import PruningStats, StatsHistory
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +80,22 @@ class PrunableDynamicCache(DynamicCache):
             over layers of the visual tokens computed is ``keep_ratio``; or an explicit
             ``[(layer, keep_ratio_after_it), ...]`` (ratios of each image's own count, non-increasing;
             leave keep_ratio unset). Every layer's cache ends with the last stage's set.
+        coverage, max_kv_bytes, max_visual_tokens: a budget that picks itself (``keep_ratio="auto"``, exactly one
+            target; :mod:`sparse_cache.budget`): per image, the smallest set holding ``coverage`` of its score mass
+            (scorers whose scores are a mass: sparsevlm, sparsevlm_plus, fastv); or, per call, at most
+            ``max_visual_tokens`` visual tokens / ``max_kv_bytes`` bytes of KV after the prefill, split over the
+            call's images in proportion to their token counts (text always kept).
+        sync_timing: synchronize the device around the timed prefill work so that ``cache.stats`` times kernels,
+            not launches (GPU; prefill only, never a decode step). Default False.
 
     After a call, per batch row (following beam reordering):
         kept_visual_positions: ascending positions, in that row of the ``input_ids`` given to
             ``generate``, of the visual tokens kept (a later turn's images are numbered in the whole
             conversation).
         visual_scores: the score of every visual token of the row, in position order.
+        stats: :class:`~sparse_cache.stats.PruningStats` of the latest pruning pass (kept/total per row and
+            image, KV bytes before/after, scoring and compaction time, mode, scorer, budget); ``stats_history``
+            every pass of the conversation.
     """
 
     def __init__(
@@ -99,11 +111,20 @@ class PrunableDynamicCache(DynamicCache):
         schedule: str | list[tuple[int, float]] | None = None,
         adaptive_scale: float | None = None,
         recycle: bool = False,
+        coverage: float | None = None,
+        max_kv_bytes: int | None = None,
+        max_visual_tokens: int | None = None,
+        sync_timing: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode: unknown mode {mode!r}; valid modes are {MODES}")
+        if not isinstance(sync_timing, bool):
+            raise TypeError(f"sync_timing: expected True or False, got {type(sync_timing).__name__} {sync_timing!r}")
         explicit_schedule = schedule is not None and not isinstance(schedule, str)
-        if adaptive_scale is not None:
+        auto_budget = resolve_auto_budget(keep_ratio, keep_tokens, coverage, max_kv_bytes, max_visual_tokens)
+        if auto_budget is not None:
+            keep_ratio = None  # the lifecycle selects with the per-block counts the target picks
+        elif adaptive_scale is not None:
             if isinstance(adaptive_scale, bool) or not isinstance(adaptive_scale, (int, float)) or not adaptive_scale > 0:
                 raise ValueError(f"adaptive_scale: expected a number > 0 (SparseVLM's lambda), got {adaptive_scale!r}")
             if keep_ratio is not None or keep_tokens is not None or schedule is not None:
@@ -123,6 +144,8 @@ class PrunableDynamicCache(DynamicCache):
         self.scorer = get_scorer(scorer)
         if mode == "pre-llm":
             validate_pre_llm(self.scorer, scoring_layer)
+        if auto_budget is not None:
+            check_auto_budget(auto_budget, self.scorer, schedule=schedule, adaptive_scale=adaptive_scale, recycle=recycle)
         if scoring_layer is None and schedule is None:
             scoring_layer = adapter.default_scoring_layer(self.scorer.default_layer)
         if scoring_layer is not None:
@@ -134,8 +157,9 @@ class PrunableDynamicCache(DynamicCache):
                     f"0..{adapter.num_layers - 1}"
                 )
         super().__init__(config=adapter.vlm.config)
-        self.keep_ratio = keep_ratio
+        self.keep_ratio = "auto" if auto_budget is not None else keep_ratio
         self.keep_tokens = keep_tokens
+        self.auto_budget = auto_budget
         self.scoring_layer = scoring_layer
         self.seed = seed
         self.mode = mode
@@ -180,7 +204,7 @@ class PrunableDynamicCache(DynamicCache):
         options = dict(
             scorer=self.scorer, mode=mode, schedule=self.schedule, keep_ratio=keep_ratio, keep_tokens=keep_tokens,
             adaptive_scale=adaptive_scale, recycle=self.recycle, scoring_layer=self.scoring_layer, seed=seed,
-            _stage_layers=self._stage_layers,
+            _stage_layers=self._stage_layers, auto_budget=auto_budget, sync_timing=sync_timing,
         )
         self.sparse_cache_lifecycle = PruningLifecycle(self, adapter, options)
         self._reset_state()
@@ -206,11 +230,26 @@ class PrunableDynamicCache(DynamicCache):
         # column in O(1)); valid for the logical length _mask_logical, dropped when the layout changes
         self._mask_buffer: torch.Tensor | None = None
         self._mask_logical = -1
+        self._stats = StatsHistory()  # per pruning pass of the conversation (sparse_cache.stats)
         self.sparse_cache_lifecycle.reset()
 
     def reset(self) -> None:
         super().reset()
         self._reset_state()
+
+    @property
+    def stats(self) -> PruningStats | None:
+        """Metrics of the latest pruning pass (:mod:`sparse_cache.stats`); ``None`` before any call with visual
+        tokens. ``stats.to_dict()`` is JSON-ready."""
+        return self._stats.latest()
+
+    @property
+    def stats_history(self) -> list[PruningStats]:
+        """Metrics of every pruning pass of this conversation, in order (rows follow beam reordering)."""
+        return self._stats.all()
+
+    def record_stats(self, stats: PruningStats) -> None:  # by the lifecycle, at the end of a pruning pass
+        self._stats.append(stats)
 
     @property
     def rope_deltas(self) -> torch.Tensor | None:
@@ -293,6 +332,7 @@ class PrunableDynamicCache(DynamicCache):
         if self._rope_deltas is not None:
             self._rope_deltas = self._rope_deltas[index.to(self._rope_deltas.device)]
         rows = index.tolist()
+        self._stats.select_rows(rows)
         if self.kept_visual_positions:
             self.kept_visual_positions = [self.kept_visual_positions[i] for i in rows]
             self.visual_scores = [self.visual_scores[i] for i in rows]

@@ -861,6 +861,8 @@ def run_generate(args: argparse.Namespace, checked: CheckedArguments | None = No
     }
     if loaded.is_toy:
         result["input_note"] = toy_input_note(args.image is not None, prompt)
+    # per-call metrics of the reported run (sparse_cache.stats): kept per image, KV bytes, scoring/compaction time
+    result["stats"] = cache.stats.to_dict() if getattr(cache, "stats", None) is not None else None
     if getattr(cache, "schedule", None):
         from .select import budget as stage_budget
 

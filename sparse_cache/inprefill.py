@@ -13,6 +13,7 @@ import logging
 import torch
 
 from .recycle import cluster_count, density_peak_clusters, recycled_candidates
+from .stats import timed
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class InPrefillMixin:
         kwargs["position_ids"] = None
         return args, kwargs
 
+    @timed("compaction", when=lambda self: self._pass is not None and self.mode == "in-prefill")
     def on_layer_forward_end(self, module, output):
         """After a pruning layer: select, and cut its output to the kept tokens plus all text."""
         p = self._pass
@@ -160,6 +162,7 @@ class InPrefillMixin:
             ~allowed, torch.finfo(hidden.dtype).min
         )
 
+    @timed("compaction")
     def _finish_in_prefill(self, p: _Pass) -> None:
         """End of an in-prefill forward: every layer's cache adopts the last stage's layout.
 

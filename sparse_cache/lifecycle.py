@@ -30,6 +30,7 @@ from .inprefill import InPrefillMixin, left_packed
 from .prellm import PreLLMMixin
 from .scorers import ScoringContext
 from .select import adaptive_keep_count, select_visual
+from .stats import PassTimer, record_pass, timed
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
         self._generator = torch.Generator().manual_seed(self.seed)
         # under tensor parallelism (tp_plan): the group every rank scores with and agrees with (sparse_cache.distributed)
         self.tensor_parallel = tensor_parallel_of(adapter.top)
+        self.timer = PassTimer(sync=options.get("sync_timing", False))  # prefill-time work, for cache.stats
         self.reset()
 
     def reset(self) -> None:
@@ -151,6 +153,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
                 text_positions.append(positions[(positions > visual[-1]) & token_valid[row]])
             else:
                 text_positions.append(positions[:0])
+        self.timer.start(input_ids.device)
         self._pass = _Pass(
             past_logical=past_logical,
             seq_len=seq_len,
@@ -297,7 +300,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
         )
 
     def _score(self, p: _Pass, context: ScoringContext) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), self.timer.section("scoring"):
             scores = self.scorer.score(context)
         if len(scores) != context.batch_size:
             raise RuntimeError(f"scorer {self.scorer!r} returned {len(scores)} rows for {context.batch_size}")
@@ -317,6 +320,11 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
             self.adapter.set_active_layout(None)
         if failed or p is None:
             return
+        self._end_pass(p, stage)
+        self.cache.record_stats(record_pass(self, p))
+
+    def _end_pass(self, p: _Pass, stage: str | None) -> None:
+        """Check that what had to happen did, then select and compact (or finish the in-prefill cut)."""
         if stage != "text":
             self.cache.hooks_did_not_fire("the decoder's pre-hook did not run for a forward that holds visual tokens")
         if p.pre_llm is not None:  # pre-llm: the language model already computed only the kept tokens
@@ -364,6 +372,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
             return self.keep_ratio, self.keep_tokens
         return self.schedule[stage][1], None
 
+    @timed("selection")
     def _select(self, p: _Pass) -> list[torch.Tensor]:
         """Pick the kept visual tokens of each row at the current stage; record them.
 
@@ -379,6 +388,8 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
             self.cache.visual_scores = [empty.float() for _ in range(batch)]
         keep_ratio, keep_tokens = self._stage_budget(p.stage)
         final = self.schedule is None or p.stage == len(self.schedule) - 1
+        auto = getattr(self, "auto_budget", None)
+        auto_budgets = auto.plan(self, p) if auto is not None else None
         keeps = []
         for row in range(batch):
             visual = p.visual_positions[row]
@@ -406,6 +417,8 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
                         int(b): adaptive_keep_count(attention[:, blocks == b], self.adaptive_scale)
                         for b in torch.unique_consecutive(blocks)
                     }
+                elif auto_budgets is not None:
+                    budgets = auto_budgets[row]  # coverage or a per-call budget (sparse_cache.budget)
                 kept_idx = select_visual(scores, blocks, keep_ratio, keep_tokens, reference, budgets)
                 if keep_tokens is not None:
                     for block, count in reference.items():
@@ -438,6 +451,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
         """``(B, P + S)`` logical position of every physical column after this forward's update."""
         return self.cache.column_positions(p.past_logical + p.seq_len, p.token_valid.shape[0], device)
 
+    @timed("compaction")
     def _compact(self, p: _Pass, dropped_local: list[torch.Tensor]) -> None:
         physical = self.cache.get_physical_length()
         past_physical = physical - p.seq_len

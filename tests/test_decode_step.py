@@ -34,7 +34,7 @@ class Recorder(TorchDispatchMode):
         return out
 
 
-def decode_ops(model, inputs, monkeypatch, steps=4):
+def decode_ops(model, inputs, monkeypatch, steps=4, **cache_kwargs):
     """The ops the library runs in each decode step (after the prefill) of a greedy generate."""
     per_forward: list[list] = []
 
@@ -51,7 +51,7 @@ def decode_ops(model, inputs, monkeypatch, steps=4):
 
     for name in CALLBACKS:
         wrap(name)
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, **(cache_kwargs or dict(keep_ratio=0.25)))
     model.generate(**inputs, past_key_values=cache, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
                    do_sample=False)
     assert cache.get_physical_length() < cache.get_seq_length()  # it pruned
@@ -96,3 +96,22 @@ def test_a_padded_decode_step_extends_the_physical_mask_in_place(sdpa_model, pro
     for step in ops_short + ops_long:
         assert not any("_local_scalar_dense" in name for name, _ in step), step
     assert [without_views(step) for step in ops_short] == [without_views(step) for step in ops_long]
+
+
+@pytest.mark.parametrize("cache_kwargs", [dict(coverage=0.6), dict(max_visual_tokens=10), dict(max_kv_bytes=125 * 1024),
+                                          dict(keep_ratio=0.25, sync_timing=True), dict(keep_ratio=0.25, mode="in-prefill")],
+                         ids=["coverage", "max_visual_tokens", "max_kv_bytes", "sync_timing", "in-prefill"])
+def test_stats_and_self_picking_budgets_add_nothing_to_a_decode_step(sdpa_model, processor, monkeypatch, cache_kwargs):
+    """cache.stats is recorded and the budgets are picked in the prefill only: a decode step still does no host sync
+    and the same work whatever the prompt length."""
+    def batch(side):
+        return testing.make_inputs(processor, ["describe.", "count the objects in it."],
+                                   [[testing.synthetic_image(side, side, seed=1)], [testing.synthetic_image(112, 112, seed=2)]])
+
+    short, long = batch(112), batch(224)
+    ops_short = decode_ops(sdpa_model, short, monkeypatch, **cache_kwargs)
+    ops_long = decode_ops(sdpa_model, long, monkeypatch, **cache_kwargs)
+    for step in ops_short + ops_long:
+        assert not any("_local_scalar_dense" in name for name, _ in step), step
+    assert [without_views(step) for step in ops_short] == [without_views(step) for step in ops_long]
+    assert ops_short

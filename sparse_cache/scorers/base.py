@@ -108,6 +108,8 @@ class Scorer:
     name: str = ""
     #: decoder layer whose attention inputs the scorer reads; ``None`` = embeddings only.
     default_layer: int | None = None
+    #: scores are a mass (non-negative attention shares), so ``coverage=`` budgets can normalize them per image
+    score_mass: bool = False
 
     def score(self, context: ScoringContext) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError

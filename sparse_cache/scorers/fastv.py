@@ -17,6 +17,7 @@ class FastVScorer(Scorer):
 
     name = "fastv"
     default_layer = 1
+    score_mass = True  # attention probabilities of the last prompt token (sparse_cache.budget)
 
     def score(self, context: ScoringContext) -> list[torch.Tensor | None]:
         scores = []

@@ -59,6 +59,7 @@ class SparseVLMScorer(Scorer):
     default_layer = 2
     #: stores ``extras["rater_attention"][row]`` (raters x visual, head-averaged) for the adaptive budget
     provides_rater_attention = True
+    score_mass = True  # attention probabilities: coverage= normalizes them per image (sparse_cache.budget)
 
     def score(self, context: ScoringContext) -> list[torch.Tensor | None]:
         scores = []

@@ -48,6 +48,7 @@ class SparseVLMPlusScorer(Scorer):
     name = "sparsevlm_plus"
     default_layer = 2
     provides_rater_attention = True
+    score_mass = True  # attention divided by a positive position bias: non-negative (sparse_cache.budget)
 
     def score(self, context: ScoringContext) -> list[torch.Tensor | None]:
         scores = []
