@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
             "toy model, one of its task images with a matching question)."
         ),
     )
+    # `sparse-cache eval ARGS...` is dispatched in main() before parsing (sparse_cache/eval/cli.py); listed for --help
+    commands.add_parser("eval", add_help=False, help="run lmms-eval benchmarks with pruned models (sparse_* models; "
+                        "pip install -e \".[eval]\"; see `sparse-cache eval --help`)")
     gen.add_argument("--image", metavar="PATH", help="image file (default: a synthetic test image)")
     gen.add_argument(
         "--prompt", help=f"question about the image (default: the toy task's question, else {DEFAULT_PROMPT!r})"
@@ -1097,6 +1100,10 @@ class _Logging:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparse-cache`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:  # every other argument is lmms-eval's
+        from .eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except _UsageError as exc:
