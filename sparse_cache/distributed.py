@@ -17,7 +17,8 @@ What this module makes exact (``TensorParallel``, one per cache when the model i
 - then every rank adopts rank 0's scores (and rater attention) with one broadcast, so that floating-point
   differences between devices can never split the group; compaction acts on each rank's local heads;
 - after each prefill's selection, :meth:`TensorParallel.check_agreement` all-gathers a 64-bit digest of the kept
-  positions and the cache layout and raises on any difference.
+  positions and the cache layout and raises on any difference (``mode="pre-llm"``: also right after the selection,
+  before the sharded language model runs on the cut).
 
 Refused with a clear error: sequence parallelism (a rank would not hold every token's hidden state), pipeline or
 FSDP dimensions of the device mesh, fused/packed q-k-v projections, and head counts not split evenly.

@@ -62,6 +62,9 @@ class PreLLMMixin:
         with torch.no_grad():
             self._score(p, self._context(p))
             keeps = self._select(p)
+        # under tensor parallelism the ranks must agree before the sharded LM runs on the cut (their collectives
+        # would otherwise see different shapes): the embedding scores are replicated and agreed in _score
+        self._check_group_agrees()
         dropped = [v[~k] for v, k in zip(p.visual_positions, keeps)]
         if all(d.numel() == 0 for d in dropped):  # nothing dropped: the forward runs as without the library
             p.pre_llm = {"cut": False}
@@ -119,4 +122,5 @@ class PreLLMMixin:
                 f"input; transformers {transformers.__version__}"
             )
         self.cache.set_prefix(p.past_logical + p.seq_len, new_mask, columns)
+        self._check_group_agrees()  # and on the layout the cache records
 

@@ -114,8 +114,9 @@ def test_refusals_and_disagreement_are_errors(tmp_path_factory):
         message = refusals["sequence_parallel"]
         assert message is not None, f"rank {rank}: a sequence-parallel plan was accepted"
         assert "sequence parallelism" in message and "model.language_model.norm" in message, message
-        message = refusals["disagreement"]
-        assert message is not None, f"rank {rank}: ranks that kept different sets went unnoticed"
-        assert "different set of visual tokens" in message, message
+        for key in ("disagreement", "disagreement_pre_llm"):
+            message = refusals[key]
+            assert message is not None, f"rank {rank}: ranks that kept different sets went unnoticed ({key})"
+            assert "different set of visual tokens" in message, message
     # by default every rank adopts rank 0's scores: even rank-dependent scores give one kept set
     _equal(results[1]["refusals"]["shared_noise_kept"], results[0]["refusals"]["shared_noise_kept"], "rank 1 kept")

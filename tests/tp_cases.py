@@ -104,6 +104,13 @@ def cases(ranks: int) -> list[dict]:
                         continuation=True))
         out.append(dict(name=f"{family}/in-prefill-recycle", family=family, kind="batch",
                         cache=dict(mode="in-prefill", schedule=[(1, 0.5), (2, 0.25)], recycle=True)))
+        # pre-llm: the replicated input embeddings are scored, the sharded LM runs on the cut, then a second turn
+        out.append(dict(name=f"{family}/pre-llm-continuation", family=family, kind="single",
+                        cache=dict(keep_ratio=0.25, mode="pre-llm", scorer="dart_embed"), continuation=True))
+        scorers = ("dart_embed", "divprune", "random") if ranks == 2 else ("dart_embed",)
+        for scorer in scorers:  # padded batch, two images in the second row (Qwen3-VL: DeepStack features cut too)
+            out.append(dict(name=f"{family}/pre-llm/{scorer}", family=family, kind="batch",
+                            cache=dict(keep_ratio=0.25, mode="pre-llm", scorer=scorer)))
     family = "qwen2_5_vl"
     if ranks == 2:
         for scorer in sorted(SCORERS):
@@ -122,6 +129,9 @@ def cases(ranks: int) -> list[dict]:
         for scorer in ("sparsevlm", "sparsevlm_plus", "dart", "divprune", "random"):
             out.append(dict(name=f"{family}/unshared/{scorer}", family=family, kind="batch",
                             cache=dict(keep_ratio=0.25, scorer=scorer), unshared=True))
+        for scorer in ("dart_embed", "divprune", "random"):  # pre-llm: every rank's own embedding scores agree
+            out.append(dict(name=f"{family}/unshared/pre-llm/{scorer}", family=family, kind="batch",
+                            cache=dict(keep_ratio=0.25, mode="pre-llm", scorer=scorer), unshared=True))
     return out
 
 
@@ -168,6 +178,15 @@ def refusals(root: str, tp: bool) -> dict:
         out["disagreement"] = None
     except RuntimeError as err:
         out["disagreement"] = str(err)
+    # pre-llm: the same disagreement is caught before the sharded language model runs on different cuts
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer=RankNoise(), mode="pre-llm")
+    if cache.sparse_cache_lifecycle.tensor_parallel is not None:
+        cache.sparse_cache_lifecycle.tensor_parallel.share_scores = False
+    try:
+        model.generate(**inputs_of("qwen2_5_vl", "batch"), past_key_values=cache, max_new_tokens=1, **GREEDY)
+        out["disagreement_pre_llm"] = None
+    except RuntimeError as err:
+        out["disagreement_pre_llm"] = str(err)
     # shared (the default): the same scorer's rank-dependent scores are replaced by rank 0's, and the ranks agree
     cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer=RankNoise())
     model.generate(**inputs_of("qwen2_5_vl", "batch"), past_key_values=cache, max_new_tokens=1, **GREEDY)
