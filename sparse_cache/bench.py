@@ -2,6 +2,7 @@
 
     python -m sparse_cache.bench --model small --visual-tokens 4096 --new-tokens 32
     sparse-cache-bench --model qwen2.5-vl-7b --device cuda --cases 16320:1,576:1,576:16 --new-tokens 256
+    sparse-cache-bench --model llava-1.5-7b --keep-tokens 192,128,64 --mode in-prefill --schedule sparsevlm  # the paper's setting (bench_paper)
 
 For one model (a preset of :mod:`sparse_cache.presets`, random weights and no download, or a hub id /
 local path loaded with ``from_pretrained``) and one synthetic image per batch row, every configuration
@@ -68,7 +69,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from . import cache as _cache_module
-from . import presets, testing
+from . import bench_paper, presets, testing
 from ._compat import CACHE_KWARG, MAX_TRANSFORMERS_EXCLUSIVE, MIN_TRANSFORMERS
 from .models import SUPPORTED_ATTENTION
 from .models import adapter_for as adapt
@@ -179,6 +180,13 @@ class BenchSettings:
     cpu_memory: str = "profiler"  # "profiler" (one extra untimed run per configuration) or "none"
     clock: str = "wall"  # CPU only: "wall" (perf_counter) or "process" (process_time: CPU seconds of the process)
     progress: bool = True
+    #: absolute visual-token budgets per image (the paper's 192/128/64 of 576), measured next to the keep ratios
+    keep_tokens: tuple[int, ...] = ()
+    #: in-prefill progressive schedule: "sparsevlm" (the authors' layers 2/6/15 of 32 scaled to depth) or None
+    schedule: str | None = None
+    #: preset depth overrides (decoder layers, vision layers): NOT the published model; recorded in the results
+    layers: int | None = None
+    vision_layers: int | None = None
 
     def resolved_dtype(self) -> torch.dtype:
         name = self.dtype or ("bfloat16" if torch.device(self.device).type == "cuda" else "float32")
@@ -205,8 +213,9 @@ class BenchSettings:
         _positive_int("repeats", self.repeats)
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup: {self.warmup!r} is not valid; give an int >= 0")
-        if not self.keep_ratios:
-            raise ValueError("keep_ratios: give at least one keep ratio in (0, 1], e.g. 1.0,0.5,0.25,0.1")
+        if not self.keep_ratios and not self.keep_tokens:
+            raise ValueError("keep_ratios: give at least one keep ratio in (0, 1], e.g. 1.0,0.5,0.25,0.1 (or keep_tokens)")
+        bench_paper.validate_settings(self)
         for ratio in self.keep_ratios:
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
                 raise ValueError(
@@ -368,6 +377,7 @@ def load_model(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     seed: int = 0,
+    overrides: dict | None = None,
 ):
     """``(model, processor, description)`` for a preset name, a local path or a hub id.
 
@@ -378,9 +388,10 @@ def load_model(
     """
     config = model_config(model)
     if model in presets.PRESETS:
-        built = presets.build_preset_model(model, device, dtype, attn_implementation, seed=seed)
+        built = presets.build_preset_model(model, device, dtype, attn_implementation, seed=seed, overrides=overrides)
         processor = presets.preset_processor(min_pixels, max_pixels, name=model)
-        return built, processor, f"preset {model} (random weights): {presets.PRESETS[model].description}"
+        changed = f" [OVERRIDDEN, not the published model: {overrides}]" if overrides else ""
+        return built, processor, f"preset {model} (random weights): {presets.PRESETS[model].description}{changed}"
     import transformers
     from transformers import AutoProcessor
 
@@ -578,7 +589,8 @@ def _check_pruned(config, cache, record: dict, visual_per_row: list[int], sequen
     Pruning happened iff the cache recorded its kept positions, fewer than the visual tokens in every row
     whose budget drops some, and stored fewer entries after the prefill than the prompt is long.
     """
-    expects = [_budget(v, config.keep_ratio, None) < v for v in visual_per_row]
+    tokens = getattr(config, "keep_tokens", None)
+    expects = [_budget(v, None if tokens else config.keep_ratio, tokens) < v for v in visual_per_row]
     record["pruned"] = any(expects)
     if not record["pruned"]:
         return  # keep=1 (or a ratio that rounds to every token): a control, by request
@@ -697,6 +709,7 @@ class _Config:
     label: str
     keep_ratio: float | None  # None: the baseline (plain DynamicCache, library hooks removed)
     mode: str = "post-prefill"
+    keep_tokens: int | None = None  # an absolute budget per image (keep_ratio is then keep_tokens / visual tokens)
 
 
 def prefill_flops(text_config, tokens_per_layer: list[float]) -> float:
@@ -862,13 +875,14 @@ def run_benchmark(
         _Config(f"keep={r:g}" if len(modes) == 1 else f"{mode} keep={r:g}", float(r), mode)
         for mode in modes
         for r in settings.keep_ratios
-    ]
+    ] + bench_paper.token_configs(_Config, settings, modes, visual_per_row[0])
     probe = _Probe(device, settings.clock)
     handles = [
         model.register_forward_pre_hook(probe.forward_pre, with_kwargs=True),
         model.register_forward_hook(probe.forward_post, with_kwargs=True),
     ]
-    vision = getattr(adapter.vlm, "visual", None)
+    vision = next((getattr(adapter.vlm, name) for name in ("visual", "vision_tower", "image_tower")  # Qwen / LLaVA
+                   if getattr(adapter.vlm, name, None) is not None), None)
     if vision is not None:
         handles.append(vision.register_forward_pre_hook(lambda *a: probe.mark("vision_start")))
         handles.append(vision.register_forward_hook(lambda *a: probe.mark("vision_end")))
@@ -884,9 +898,9 @@ def run_benchmark(
             uninstall(model)  # the baseline runs as without the library
             return DynamicCache(config=model.config)
         extra = {} if config.mode == "post-prefill" else {"mode": config.mode}
-        cache = PrunableDynamicCache(
-            model, keep_ratio=config.keep_ratio, scorer=settings.scorer, seed=settings.seed, **extra
-        )
+        extra.update(bench_paper.cache_budget(config, settings))  # keep_tokens / schedule, if any
+        extra.setdefault("keep_ratio", config.keep_ratio)
+        cache = PrunableDynamicCache(model, scorer=settings.scorer, seed=settings.seed, **extra)
         lifecycle = getattr(cache, "sparse_cache_lifecycle", None)  # the per-call pruning steps live there
         probe.wrap(lifecycle, "_score", "score")
         probe.wrap(lifecycle, "_select", "select")
@@ -926,6 +940,8 @@ def run_benchmark(
             probe.stop()
         record = {"config": config.label, "keep_ratio": config.keep_ratio, "mode": config.mode, "repeat": repeat}
         record["scoring_layer"] = getattr(cache, "scoring_layer", None)
+        record["keep_tokens"] = getattr(config, "keep_tokens", None)
+        record["schedule"] = [list(stage) for stage in getattr(cache, "schedule", None) or []] or None
         if probe.forwards != settings.new_tokens:
             logger.warning("%s: %d forwards for %d new tokens", config.label, probe.forwards, settings.new_tokens)
         record.update(_run_metrics(probe.times(), settings.new_tokens))
@@ -1034,6 +1050,7 @@ def _summarise(
             "config": config.label, "keep_ratio": config.keep_ratio, "repeats": len(mine),
             "mode": None if config.keep_ratio is None else config.mode,
             "scoring_layer": mine[0].get("scoring_layer"),
+            "keep_tokens": mine[0].get("keep_tokens"), "schedule": mine[0].get("schedule"),
         }
         for metric in _TIMED_METRICS:
             values = [r[metric] for r in mine]
@@ -1078,7 +1095,9 @@ def _summarise(
             continue
         layers = text_config.num_hidden_layers
         total = sequence_length
-        if row["mode"] == "in-prefill":
+        if row["mode"] == "in-prefill" and row.get("schedule"):  # progressive: each stage's budget from its layer on
+            per_layer = bench_paper.schedule_tokens_per_layer(row["schedule"], layers, total, visual_per_row)
+        elif row["mode"] == "in-prefill":
             s = row["scoring_layer"]
             kept_total = total - visual_per_row + row["kept_visual_per_row"]
             per_layer = [total] * (s + 1) + [kept_total] * (layers - s - 1)
@@ -1087,6 +1106,7 @@ def _summarise(
         else:
             per_layer = [total] * layers  # post-prefill (and the baseline) compute every token in the prefill
         row["flops_model_prefill_vs_base"] = prefill_flops(text_config, per_layer) / prefill_flops(text_config, [total] * layers)
+        row["prefill_tflops_model"] = prefill_flops(text_config, per_layer) * settings.batch_size / 1e12
         row["prefill_measured_over_flops_model"] = _ratio(row["prefill_vs_base"], row["flops_model_prefill_vs_base"])
     for row in rows:
         t_base = base["decode_per_token_s"]
@@ -1163,6 +1183,10 @@ def default_name(settings: BenchSettings, visual_tokens: int, device: torch.devi
         raw += f"-{settings.mode}"
     if settings.clock == "process":
         raw += "-cputime"
+    if settings.layers is not None or settings.vision_layers is not None:
+        raw += f"-L{settings.layers or ''}v{settings.vision_layers or ''}"
+    if settings.schedule:
+        raw += f"-{settings.schedule}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
 
 
@@ -1240,6 +1264,7 @@ def format_markdown(result: BenchResult) -> str:
         )
     lines += memory
     lines.append("")
+    lines += bench_paper.comparison_lines(result)
     controls = [row["config"] for row in result.rows if row.get("control")]
     if controls:
         lines.append(f"{', '.join(controls)}: every visual token kept by request, so its ratios are a control (the "
@@ -1268,7 +1293,7 @@ _CSV_FIELDS = [
     "decode_per_token_vs_base", "kv_bytes_decode_avg", "bytes_model_decode_per_token_s",
     "decode_measured_over_model", "bytes_model_kv3_decode_per_token_s", "decode_measured_over_model_kv3", "e2e_s",
     "e2e_s_min", "e2e_s_max", "e2e_vs_base", "flops_model_prefill_vs_base", "prefill_measured_over_flops_model",
-    "mode", "scoring_layer", "pruned", "control", "peak_mem_bytes", "peak_mem_vs_base", "peak_mem_abs_bytes", "peak_rss_delta_bytes", "peak_rss_delta_vs_base",
+    "mode", "scoring_layer", "keep_tokens", "prefill_tflops_model", "pruned", "control", "peak_mem_bytes", "peak_mem_vs_base", "peak_mem_abs_bytes", "peak_rss_delta_bytes", "peak_rss_delta_vs_base",
 ]
 _CSV_CONTEXT = ["model", "device", "dtype", "attn_implementation", "visual_tokens_per_row", "batch_size", "new_tokens"]
 
@@ -1438,8 +1463,10 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--cases", default=argparse.SUPPRESS,
                       help="several runs on one loaded model: VISUAL_TOKENS:BATCH_SIZE pairs, e.g. 16320:1,576:1,576:16")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per generate call, one image each (--cases gives its own)")
-    parser.add_argument("--keep-ratios", default=",".join(f"{r:g}" for r in DEFAULT_KEEP_RATIOS),
-                        help="comma-separated keep ratios in (0, 1]; the baseline is always measured too")
+    parser.add_argument("--keep-ratios", default=None,
+                        help="comma-separated keep ratios in (0, 1]; the baseline is always measured too (default "
+                             f"{','.join(f'{r:g}' for r in DEFAULT_KEEP_RATIOS)}, none when --keep-tokens is given)")
+    bench_paper.add_arguments(parser)
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per call (exactly)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (medians reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
@@ -1483,7 +1510,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             cases = [(getattr(args, "visual_tokens", 1024), args.batch_size, None)]
         if args.threads is not None:
             _positive_int("threads", args.threads)
-        keep_ratios = parse_keep_ratios(args.keep_ratios)
+        keep_tokens = bench_paper.parse_keep_tokens(args.keep_tokens)
+        if args.keep_ratios is None:
+            keep_ratios = () if keep_tokens else DEFAULT_KEEP_RATIOS
+        else:
+            keep_ratios = parse_keep_ratios(args.keep_ratios)
+        cases = bench_paper.preset_cases(args, cases)
         all_settings = []
         for tokens, batch, image_size in cases:
             settings = BenchSettings(
@@ -1493,6 +1525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scorer=args.scorer, mode=args.mode, prompt=args.prompt, seed=args.seed, cpu_memory=args.cpu_memory,
                 clock=args.clock,
                 progress=not args.no_progress,
+                keep_tokens=keep_tokens, schedule=args.schedule, layers=args.layers, vision_layers=args.vision_layers,
             )
             all_settings.append(settings.validate())
         if args.name is not None and len(all_settings) > 1:
@@ -1533,7 +1566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_pixels = max(areas)
     try:
         model, processor, description = load_model(
-            first.model, first.device, dtype, first.attn_implementation, min_pixels, max_pixels, first.seed
+            first.model, first.device, dtype, first.attn_implementation, min_pixels, max_pixels, first.seed,
+            overrides=bench_paper.depth_overrides(first),
         )
     except ValueError as err:
         parser.error(str(err))
@@ -1548,7 +1582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("interrupted: %d of %d case(s) finished and written to %s", done, len(all_settings),
                          args.out_dir)
             return 130
-        except RuntimeError as err:  # NothingPrunedError, or the library refusing a call it cannot prune
+        except (RuntimeError, ValueError) as err:  # NothingPrunedError, the library refusing a call or a budget
             if logger.isEnabledFor(logging.DEBUG):
                 logger.exception("run failed")
             message = " ".join(str(err).split()) or type(err).__name__

@@ -63,8 +63,9 @@ SCORER_NAMES = ("cdpruner", "cosine", "dart", "dart_embed", "divprune", "fastv",
 EMBEDDING_SCORER_NAMES = ("cdpruner", "cosine", "dart_embed", "divprune", "random", "uniform")
 FAMILIES_TEXT = (
     "Qwen2-VL (Qwen2VLForConditionalGeneration), Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), "
-    "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration); "
-    "from Python only, not yet here: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Video-LLaVA"
+    "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration), "
+    "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
+    "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), Video-LLaVA (VideoLlavaForConditionalGeneration)"
 )
 #: --compare: timed pairs (unpruned, pruned) by default, untimed warm-up runs of each, new tokens per timed run
 DEFAULT_COMPARE_REPEATS = 5
@@ -403,6 +404,12 @@ def load_model(
         processor = AutoProcessor.from_pretrained(expanded)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise CLIError(f"--model: cannot load {name}: {_one_line(exc)}") from exc
+    if getattr(processor, "image_processor", None) is None:  # AutoProcessor fell back to the tokenizer alone
+        raise CLIError(
+            f"--model: {name} loaded no image processor (AutoProcessor returned a {type(processor).__name__}); its "
+            "processor class may need a package that is missing here (processors with a video processor need "
+            "torchvision)"
+        )
     return LoadedModel(model.to(device).eval(), processor, name, False)
 
 
@@ -441,9 +448,14 @@ class Timing:
 
 
 def vision_tower(model):
-    """The model's vision tower (``model.model.visual`` in the Qwen-VL families), or None."""
+    """The model's vision tower (``visual``, ``vision_tower`` or ``image_tower`` of its inner model, or of the model
+    itself), or None."""
     inner = getattr(model, "model", None)
-    return getattr(inner, "visual", None) or getattr(model, "visual", None)
+    for owner in (inner, model):
+        for name in ("visual", "vision_tower", "image_tower"):
+            if getattr(owner, name, None) is not None:
+                return getattr(owner, name)
+    return None
 
 
 class _FirstForwardTimer:
@@ -778,7 +790,8 @@ def run_generate(args: argparse.Namespace, checked: CheckedArguments | None = No
     inputs = _chat_inputs(processor, image, prompt).to(device)
     input_len = inputs["input_ids"].shape[1]
     config = model.config
-    visual_ids = [config.image_token_id] + ([config.video_token_id] if config.video_token_id is not None else [])
+    video_id = getattr(config, "video_token_id", None)
+    visual_ids = [config.image_token_id] + ([video_id] if video_id is not None else [])
     total_visual = int(torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids, device=device)).sum())
 
     def make_cache():
@@ -895,6 +908,9 @@ def run_generate(args: argparse.Namespace, checked: CheckedArguments | None = No
         result["notes"] = timing_notes(
             ratios, mode=args.mode, visual_tokens=total_visual, control=control, repeats=repeats
         )
+    if inputs.get("image_grid_thw") is None:  # no grid of merged patches: the views of the model's adapter
+        result.update(_draw_views(args, model, processor, inputs, image, cache, kept, visual_ids))
+        return result
     patch, merge = patch_and_merge(config, processor)
     grid_args = (inputs["input_ids"].cpu(), inputs["image_grid_thw"].cpu(), config.image_token_id)
     canvas = _drawing_canvas(image, inputs["image_grid_thw"][0], patch)
@@ -915,6 +931,39 @@ def run_generate(args: argparse.Namespace, checked: CheckedArguments | None = No
             raise CLIError(f"--{key}: cannot write {path}: {_one_line(exc)}") from exc
         result[key] = path
     return result
+
+
+def _draw_views(args, model, processor, inputs, image, cache, kept, visual_ids) -> dict:
+    """--overlay / --heatmap of a family whose image is laid out in views (a crop; or a base tile, then an anyres
+    tile map with a newline token per row), from :meth:`VLMAdapter.image_views`."""
+    import torch
+
+    from .models import adapter_for
+    from .visualize import views_heatmap, views_overlay
+
+    out = {}
+    if args.overlay is None and args.heatmap is None:
+        return out
+    views = adapter_for(model).image_views({k: v.cpu() for k, v in inputs.items() if hasattr(v, "cpu")},
+                                           image_size=image.size, image_processor=getattr(processor, "image_processor", None))
+    for path, key in ((args.overlay, "overlay"), (args.heatmap, "heatmap")):
+        if path is None:
+            continue
+        if key == "overlay":
+            picture = views_overlay(image, views, kept)
+        else:
+            if not cache.visual_scores:
+                raise CLIError("--heatmap: the cache recorded no scores (nothing was scored in this run)")
+            ids = inputs["input_ids"][0].cpu()
+            positions = torch.nonzero(torch.isin(ids, torch.tensor(visual_ids))).flatten()
+            picture = views_heatmap(image, views, cache.visual_scores[0].cpu(), positions, kept_positions=kept,
+                                    colorbar=True)
+        try:
+            picture.save(path)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"--{key}: cannot write {path}: {_one_line(exc)}") from exc
+        out[key] = path
+    return out
 
 
 def toy_answer_text(processor, tokens) -> str:

@@ -17,7 +17,20 @@ Generated text is meaningless; timings and memory are those of the real shapes.
 ``qwen2.5-vl-7b``       Qwen/Qwen2.5-VL-7B-Instruct shapes (8.29B parameters).
 ``qwen3-vl-4b``         Qwen/Qwen3-VL-4B-Instruct shapes (4.44B parameters, tied embeddings, DeepStack).
 ``qwen3-vl-8b``         Qwen/Qwen3-VL-8B-Instruct shapes (8.77B parameters, DeepStack).
+``tiny-llava``,         the test-suite LLaVA-1.5 / LLaVA-NeXT models (:func:`sparse_cache.testing.tiny_llava_model`):
+``tiny-llava-next``     56 px tiles, 16 tokens per tile (seconds on CPU).
+``llava-1.5-7b``        llava-hf/llava-1.5-7b-hf shapes (7.06B parameters): Vicuna-7B, CLIP ViT-L/14-336,
+                        576 visual tokens per image (SparseVLM's published setting).
+``llava-next-7b``       llava-hf/llava-v1.6-vicuna-7b-hf shapes (7.06B parameters): anyres 336 px tiles, a
+                        672 x 672 image gives 576 + 48 x 48 + 48 newlines = 2,928 visual tokens.
 ======================  ===============================================================================
+
+``llava-1.5-7b-quarter`` is llava-1.5-7b at a quarter of its width with all 32 layers (CPU validation of the
+FLOPs model at the paper's schedule; not a published model).
+
+LLaVA presets use the offline tiny tokenizer and the family's PIL image processor at the published tile size
+(:func:`sparse_cache.testing.tiny_llava_processor` with ``tile=336``); their visual-token count is fixed by the
+image size (``Preset.image_size``: the benchmark's default image), not chosen with ``--visual-tokens``.
 
 Large presets are built on the ``meta`` device (no memory, no initialisation), then every parameter is
 allocated once, directly on the target device and in the target dtype, and drawn there from a seeded
@@ -110,6 +123,9 @@ class Preset:
     init_std: float = 0.02
     #: parameter count of the published checkpoint, when the preset mirrors one (checked by the tests).
     published_parameters: int | None = None
+    #: families whose processor fixes the visual tokens by the image (LLaVA): the benchmark's default image
+    #: ``(width, height)``; ``None``: the image is sized from ``--visual-tokens`` (Qwen-VL)
+    image_size: tuple[int, int] | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -228,16 +244,85 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# llava-hf/llava-1.5-7b-hf config.json: Vicuna-7B text model (hidden 4096, 32 layers, 32 heads, MHA, intermediate
+# 11008, vocab 32064, untied, rms_norm_eps 1e-5, max_position_embeddings 4096) and the CLIP ViT-L/14-336 tower
+# (24 layers, width 1024, 16 heads, MLP 4096, 336 px / 14 px = 24 x 24 = 576 patches; vision_feature_layer -2,
+# CLS dropped); a 2-layer GELU projector 1024 -> 4096 -> 4096. llava-hf/llava-v1.6-vicuna-7b-hf: the same shapes,
+# the learned image_newline vector and anyres pinpoints up to 672 x 672 (2 x 2 tiles) and 1008 x 336 (3 x 1).
+_LLAVA_7B = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    intermediate_size=11008,
+    vocab_size=32064,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    vision_hidden_size=1024,
+    vision_intermediate_size=4096,
+    vision_num_hidden_layers=24,
+    vision_num_attention_heads=16,
+    vision_image_size=336,
+    vision_patch_size=14,
+    vision_projection_dim=768,
+)
+_LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+PRESETS.update({
+    "tiny-llava": Preset(
+        "tiny-llava", "the test-suite LLaVA-1.5 model (sparse_cache.testing.tiny_llava_model): hidden 64, 4 layers, "
+        "56 px tiles, 16 visual tokens per image (seconds on CPU)",
+        init_std=0.2, family="llava", image_size=(56, 56),
+    ),
+    "tiny-llava-next": Preset(
+        "tiny-llava-next", "the test-suite LLaVA-NeXT model: hidden 64, 4 layers, anyres 56 px tiles up to 2 x 2; "
+        "a 112 x 112 image gives 16 + 8 x 8 + 8 newlines = 88 visual tokens (seconds on CPU)",
+        init_std=0.2, family="llava_next", image_size=(112, 112),
+    ),
+    "llava-1.5-7b": Preset(
+        "llava-1.5-7b",
+        "llava-hf/llava-1.5-7b-hf shapes: Vicuna-7B (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab "
+        "32064); CLIP ViT-L/14-336 (24 layers, width 1024): 576 visual tokens per image",
+        overrides=dict(_LLAVA_7B),
+        family="llava",
+        published_parameters=7_063_427_072,
+        image_size=(336, 336),
+    ),
+    "llava-1.5-7b-quarter": Preset(
+        "llava-1.5-7b-quarter",
+        "llava-1.5-7b scaled to a quarter of its width (hidden 1024, 8 heads of 128, intermediate 2752) at its full "
+        "depth (32 layers) and vocabulary, same CLIP ViT-L/14-336 tower and 576 visual tokens: the paper's schedule "
+        "at its own layers on a CPU (NOT a published model)",
+        overrides=dict(_LLAVA_7B, hidden_size=1024, num_attention_heads=8, num_key_value_heads=8,
+                       intermediate_size=2752),
+        family="llava",
+        image_size=(336, 336),
+    ),
+    "llava-next-7b": Preset(
+        "llava-next-7b",
+        "llava-hf/llava-v1.6-vicuna-7b-hf shapes: Vicuna-7B, CLIP ViT-L/14-336, anyres 336 px tiles up to 672 x 672; "
+        "a 672 x 672 image: 576 base + 2 x 2 tiles (48 x 48) + 48 newlines = 2,928 visual tokens",
+        overrides=dict(_LLAVA_7B, model_type="llama", image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS),
+        family="llava_next",
+        published_parameters=7_063_431_168,
+        image_size=(672, 672),
+    ),
+})
+
+
 def _get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"preset: unknown preset {name!r}; valid presets are {sorted(PRESETS)}")
     return PRESETS[name]
 
 
-def preset_config(name: str, attn_implementation: str = "sdpa"):
-    """The config of preset ``name``, of its family's class (token ids are those of the tiny tokenizer)."""
+def preset_config(name: str, attn_implementation: str = "sdpa", overrides: dict[str, Any] | None = None):
+    """The config of preset ``name``, of its family's class (token ids are those of the tiny tokenizer).
+    ``overrides`` (e.g. ``num_hidden_layers=4``) replace the preset's own values: the result is then *not* the
+    published architecture (the benchmark's ``--layers`` validates the FLOPs model at the published width this way)."""
     preset = _get_preset(name)
-    return testing.tiny_vlm_config(preset.family, attn_implementation=attn_implementation, **dict(preset.overrides))
+    values = {**preset.overrides, **dict(overrides or {})}
+    return testing.tiny_vlm_config(preset.family, attn_implementation=attn_implementation, **values)
 
 
 def build_preset_model(
@@ -247,6 +332,7 @@ def build_preset_model(
     attn_implementation: str = "sdpa",
     seed: int = 0,
     materialize: bool = True,
+    overrides: dict[str, Any] | None = None,
 ):
     """Build preset ``name`` with random weights, in eval mode, on ``device`` in ``dtype``.
 
@@ -258,12 +344,13 @@ def build_preset_model(
     preset = _get_preset(name)
     device = torch.device(device)
     if name.startswith("tiny") and materialize:
-        model = testing.tiny_vlm_model(preset.family, seed=seed, attn_implementation=attn_implementation, dtype=dtype)
+        model = testing.tiny_vlm_model(preset.family, seed=seed, attn_implementation=attn_implementation, dtype=dtype,
+                                       **dict(overrides or {}))
         return model.to(device)
 
     from accelerate import init_empty_weights  # a dependency of the package
 
-    config = preset_config(name, attn_implementation)
+    config = preset_config(name, attn_implementation, overrides)
     model_class = getattr(transformers, model_class_for_config(config))
     # Parameters on meta (no memory, initialisation is free); buffers (rotary inv_freq) are computed for real.
     with init_empty_weights(include_buffers=False):
@@ -326,7 +413,16 @@ def _materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtyp
 
 def preset_processor(min_pixels: int | None = None, max_pixels: int | None = None, name: str = "tiny"):
     """The offline processor of preset ``name`` (its family's patch size), with pixel bounds wide enough for the
-    benchmark image (default: those of :func:`sparse_cache.testing.tiny_processor`, in patches of 14 pixels)."""
+    benchmark image (default: those of :func:`sparse_cache.testing.tiny_processor`, in patches of 14 pixels).
+    LLaVA presets: the family's processor at the preset's tile size and pinpoints (no pixel bounds)."""
+    preset = _get_preset(name)
+    if preset.image_size is not None:
+        config = preset_config(name)
+        pinpoints = getattr(config, "image_grid_pinpoints", None)
+        processor = testing.tiny_llava_processor(preset.family, tile=int(config.vision_config.image_size),
+                                                 pinpoints=pinpoints)
+        processor.tokenizer.model_max_length = 1 << 20
+        return processor
     patch, merge = preset_patch_and_merge(name)
     scale = (patch * merge) ** 2 / 28**2
     processor = testing.tiny_processor(

@@ -765,21 +765,23 @@ def tiny_llava_model(family: str = "llava", seed: int = 0, attn_implementation: 
     return model
 
 
-def tiny_llava_processor(family: str = "llava"):
+def tiny_llava_processor(family: str = "llava", tile: int = _LLAVA_TILE, pinpoints=None):
     """The transformers processor of a LLaVA family with :func:`tiny_llava_tokenizer` and its PIL image processor
     (no torchvision): 56 px tiles, patch 14, CLS counted then dropped (``num_additional_image_tokens=1``,
-    ``vision_feature_select_strategy="default"``), as the llava-hf checkpoints ship."""
+    ``vision_feature_select_strategy="default"``), as the llava-hf checkpoints ship. ``tile`` and ``pinpoints``
+    (LLaVA-1.5 / NeXT only): another tile size and anyres resolutions (the 7B benchmark presets: 336 px)."""
     from transformers import LlavaNextProcessor, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    size = dict(size={"shortest_edge": _LLAVA_TILE}, crop_size={"height": _LLAVA_TILE, "width": _LLAVA_TILE})
+    size = dict(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile})
     common = dict(tokenizer=tiny_llava_tokenizer(), patch_size=_PATCH_SIZE, vision_feature_select_strategy="default",
                   num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
     if family == "llava":
         return LlavaProcessor(image_processor=LlavaImageProcessorPil(**size), **common)
     if family == "llava_next":
-        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in _LLAVA_PINPOINTS], **size)
+        pinpoints = _LLAVA_PINPOINTS if pinpoints is None else pinpoints
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **size)
         return LlavaNextProcessor(image_processor=image_processor, **common)
     if family in _LLAVA_EXTRA:
         return _extra_llava_processor(family)

@@ -34,7 +34,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["token_grid", "kept_mask", "kept_overlay", "score_heatmap"]
+__all__ = ["token_grid", "kept_mask", "kept_overlay", "score_heatmap", "views_overlay", "views_heatmap"]
 
 RGB = tuple[int, int, int]
 
@@ -416,3 +416,177 @@ def _with_colorbar(picture: Image.Image, colour_map, low: float, high: float, *,
         draw.line([left + bar_width, y, left + bar_width + margin // 2, y], fill=(0, 0, 0))
         draw.text((text_x, min(max(0, y - 6), height - 12)), label, fill=(0, 0, 0), font=font)
     return canvas
+
+
+# --------------------------------------------------------------------------- several views (anyres layouts)
+#
+# An anyres image is shown to the model twice: a base tile (the whole image squeezed to one tile) and the tile map
+# of its high-resolution tiles, each map row followed by a learned newline token that shows no pixels; a fixed-size
+# CLIP-style image is one square grid over a centre crop (or the image padded to a square). The model adapter
+# says where each view's tokens are (``adapter.image_views(inputs, image_size=..., image_processor=...)``, a list
+# of ``dict(name, grid, newlines, box)``); the functions below draw every view side by side, the newline tokens
+# as a narrow column right of their grid (one cell per grid row).
+
+_VIEW_GAP = 8  # white pixels between views
+_MIN_CELL = 8  # a view is upscaled so that a token cell is at least this many pixels
+
+
+def _view_pixels(image, box, rows: int, cols: int) -> np.ndarray:
+    """The part ``box`` (fractions, may extend past the image: black there) of ``image``, at least ``_MIN_CELL``
+    pixels per cell."""
+    picture = image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(_to_rgb_array(image))
+    width, height = picture.size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    crop = picture.crop((round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)))
+    scale = max(1.0, _MIN_CELL * rows / max(1, crop.height), _MIN_CELL * cols / max(1, crop.width))
+    if scale > 1.0:
+        crop = crop.resize((int(np.ceil(crop.width * scale)), int(np.ceil(crop.height * scale))),
+                           Image.Resampling.NEAREST)
+    return np.asarray(crop).copy()
+
+
+def _newline_strip(height: int, rows: int, values: np.ndarray, kept: np.ndarray | None, outline, line_width):
+    """``(height, w, 3)`` column of ``rows`` cells coloured ``values`` ``(rows, 3)``, kept ones outlined."""
+    strip_width = max(6, height // max(1, rows) // 2)
+    ys, y_bounds = _cell_of_pixels(height, rows)
+    out = np.repeat(values[ys][:, None, :], strip_width, axis=1).astype(np.uint8)
+    if kept is not None and outline is not None:
+        xs, x_bounds = _cell_of_pixels(strip_width, 1)
+        width_px = line_width or max(1, min(height // rows, strip_width) // 8)
+        out[_border_pixels(height, strip_width, ys, xs, y_bounds, x_bounds, kept[:, None], width_px)] = outline
+    return out
+
+
+def _side_by_side(panels: list[np.ndarray]) -> Image.Image:
+    height = max(p.shape[0] for p in panels)
+    width = sum(p.shape[1] for p in panels) + _VIEW_GAP * (len(panels) - 1)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    x = 0
+    for panel in panels:
+        canvas[: panel.shape[0], x : x + panel.shape[1]] = panel
+        x += panel.shape[1] + _VIEW_GAP
+    return Image.fromarray(canvas, mode="RGB")
+
+
+def _dim_and_outline(pixels: np.ndarray, kept: np.ndarray, dim: float, outline, line_width) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    rows, cols = kept.shape
+    ys, xs, y_bounds, x_bounds = _cell_maps(height, width, rows, cols)
+    dimmed = np.rint(pixels.astype(np.float64) * float(dim)).astype(np.uint8)
+    out = np.where(kept[ys[:, None], xs[None, :]][..., None], pixels, dimmed)
+    if outline is not None:
+        width_px = line_width if line_width is not None else _auto_line_width(height, width, rows, cols)
+        out[_border_pixels(height, width, ys, xs, y_bounds, x_bounds, kept, width_px)] = outline
+    return out
+
+
+def views_overlay(
+    image,
+    views: Sequence[dict],
+    kept_positions,
+    *,
+    dim: float = 0.35,
+    outline: RGB | None = (255, 0, 0),
+    line_width: int | None = None,
+    newline_colour: RGB = (230, 230, 230),
+) -> Image.Image:
+    """Every view of an image (see :meth:`sparse_cache.models.base.VLMAdapter.image_views`) side by side, pruned
+    cells dimmed by ``dim`` and kept ones outlined, as :func:`kept_overlay` does for one grid; a view's newline
+    tokens are a column of ``newline_colour`` cells right of it (dimmed when pruned, outlined when kept)."""
+    if not 0.0 <= float(dim) <= 1.0:
+        raise ValueError(f"dim: expected a brightness factor in [0, 1], got {dim}")
+    if not views:
+        raise ValueError("views: expected at least one view")
+    colour = None if outline is None else _parse_colour(outline, "outline")
+    base_colour = _parse_colour(newline_colour, "newline_colour").astype(np.float64)
+    panels = []
+    for view in views:
+        grid = _as_long_tensor(view["grid"], "grid")
+        kept = kept_mask(kept_positions, grid).numpy()
+        pixels = _view_pixels(image, view["box"], *kept.shape)
+        panel = _dim_and_outline(pixels, kept, dim, colour, line_width)
+        if view.get("newlines") is not None:
+            newlines = _as_long_tensor(view["newlines"], "newlines").flatten()
+            kept_newline = kept_mask(kept_positions, newlines).numpy()
+            values = np.where(kept_newline[:, None], base_colour, np.rint(base_colour * float(dim)))
+            strip = _newline_strip(panel.shape[0], newlines.numel(), values, kept_newline, colour, line_width)
+            panel = np.concatenate([panel, strip], axis=1)
+        panels.append(panel)
+    return _side_by_side(panels)
+
+
+def views_heatmap(
+    image,
+    views: Sequence[dict],
+    scores,
+    scored_positions,
+    *,
+    kept_positions=None,
+    alpha: float = 0.6,
+    cmap="inferno",
+    scale: str = "robust",
+    colorbar: bool = False,
+    outline: RGB | None = (255, 255, 255),
+    line_width: int | None = None,
+) -> Image.Image:
+    """Every view side by side with a heat map of the token scores (one range over all views), as
+    :func:`score_heatmap` does for one grid; newline tokens are a column of their own score colours.
+    ``scores[i]`` is the score of the token at ``scored_positions[i]`` (``cache.visual_scores[row]`` and the row's
+    visual-token positions)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale: expected one of {SCALES}, got {scale!r}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha: expected an opacity in [0, 1], got {alpha}")
+    positions = _as_long_tensor(scored_positions, "scored_positions").flatten()
+    values = scores.detach().float().cpu().flatten() if isinstance(scores, torch.Tensor) else torch.as_tensor(
+        scores, dtype=torch.float32).flatten()
+    if values.numel() != positions.numel():
+        raise ValueError(f"scores: got {values.numel()} values for {positions.numel()} scored positions")
+    lookup = torch.full((int(positions.max()) + 2 if positions.numel() else 1,), float("nan"))
+    lookup[positions] = values
+
+    def cell_scores(index: torch.Tensor) -> np.ndarray:
+        index = _as_long_tensor(index, "grid").clamp(max=lookup.numel() - 1)
+        return lookup[index].numpy().astype(np.float64)
+
+    all_scores = [cell_scores(v["grid"]).ravel() for v in views]
+    all_scores += [cell_scores(v["newlines"]).ravel() for v in views if v.get("newlines") is not None]
+    joined = np.concatenate(all_scores) if all_scores else np.zeros(0)
+    low, high = _score_range(joined[np.isfinite(joined)], scale)
+    colour_map = _colour_map(cmap)
+    colour = None if outline is None else _parse_colour(outline, "outline")
+
+    def colours_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        finite = np.isfinite(values)
+        span = high - low
+        normalised = np.clip(np.where(finite, (values - low) / span if span > 0 else 1.0, 0.0), 0.0, 1.0)
+        return np.clip(np.rint(colour_map(normalised) * 255.0), 0, 255), finite
+
+    panels = []
+    for view in views:
+        grid = _as_long_tensor(view["grid"], "grid")
+        pixels = _view_pixels(image, view["box"], *grid.shape).astype(np.float64)
+        height, width = pixels.shape[:2]
+        ys, xs, y_bounds, x_bounds = _cell_maps(height, width, *grid.shape)
+        colours, finite = colours_of(cell_scores(grid))
+        pixel_alpha = np.where(finite[ys[:, None], xs[None, :]], float(alpha), 0.0)[..., None]
+        panel = np.rint(pixels * (1.0 - pixel_alpha) + colours[ys[:, None], xs[None, :]] * pixel_alpha).astype(np.uint8)
+        if kept_positions is not None and colour is not None:
+            kept = kept_mask(kept_positions, grid).numpy()
+            width_px = line_width if line_width is not None else _auto_line_width(height, width, *grid.shape)
+            panel[_border_pixels(height, width, ys, xs, y_bounds, x_bounds, kept, width_px)] = colour
+        if view.get("newlines") is not None:
+            newlines = _as_long_tensor(view["newlines"], "newlines").flatten()
+            line_colours, _ = colours_of(cell_scores(newlines))
+            kept_newline = None if kept_positions is None else kept_mask(kept_positions, newlines).numpy()
+            strip = _newline_strip(height, newlines.numel(), line_colours, kept_newline, colour, line_width)
+            panel = np.concatenate([panel, strip], axis=1)
+        panels.append(panel)
+    picture = _side_by_side(panels)
+    if colorbar:
+        finite_scores = joined[np.isfinite(joined)]
+        picture = _with_colorbar(picture, colour_map, low, high,
+                                 clipped_low=bool(finite_scores.size and finite_scores.min() < low),
+                                 clipped_high=bool(finite_scores.size and finite_scores.max() > high))
+    picture.info["vmin"], picture.info["vmax"] = low, high
+    return picture

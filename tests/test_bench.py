@@ -410,3 +410,135 @@ def test_a_run_that_prunes_nothing_records_nothing(tmp_path, capsys, monkeypatch
     assert len(errors) == 1 and "Traceback" not in err, err
     assert errors[0].startswith(message.format(version=transformers.__version__)), errors[0]
     assert transformers.__version__ in errors[0]
+
+
+# --------------------------------------------------------------------------- the paper's setting (LLaVA)
+
+#: llava-hf/llava-1.5-7b-hf and llava-hf/llava-v1.6-vicuna-7b-hf config.json: text (hidden, layers, heads, KV heads,
+#: intermediate, vocab) and CLIP tower (layers, width, heads, image size, patch); visual tokens of the preset's image
+LLAVA_PUBLISHED = {
+    "llava-1.5-7b": ((4096, 32, 32, 32, 11008, 32064), (24, 1024, 16, 336, 14), 576),
+    "llava-next-7b": ((4096, 32, 32, 32, 11008, 32064), (24, 1024, 16, 336, 14), 576 + 48 * 48 + 48),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LLAVA_PUBLISHED))
+def test_llava_presets_match_the_published_checkpoints(name):
+    """Parameter count and shapes of the published checkpoint (meta device), and the visual tokens of the preset's
+    image through its offline processor: 576 for LLaVA-1.5, 576 + 2 x 2 tiles + 48 newlines for NeXT at 672 px."""
+    model = presets.build_preset_model(name, materialize=False)
+    assert type(model).__name__ == presets.model_class_for_config(model.config)
+    count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert count == presets.PRESETS[name].published_parameters
+    text, vision = model.config.get_text_config(), model.config.vision_config
+    (expected_text, expected_vision, visual) = LLAVA_PUBLISHED[name]
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size, text.vocab_size) == expected_text
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.num_attention_heads, vision.image_size,
+            vision.patch_size) == expected_vision
+    processor = presets.preset_processor(name=name)
+    inputs = testing.make_inputs(processor, ["Describe."], [[testing.synthetic_image(*presets.PRESETS[name].image_size)]])
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == visual
+
+
+def test_depth_overrides_keep_the_published_width():
+    model = presets.build_preset_model("llava-1.5-7b", materialize=False,
+                                       overrides=dict(num_hidden_layers=2, vision_num_hidden_layers=1))
+    text = model.config.get_text_config()
+    assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size) == (2, 4096, 11008)
+    assert model.config.vision_config.num_hidden_layers == 1
+    assert sum(1 for n, _ in model.model.vision_tower.named_modules() if n.endswith("encoder.layers.0")) == 1
+    quarter = presets.preset_config("llava-1.5-7b-quarter")
+    assert (quarter.text_config.num_hidden_layers, quarter.text_config.hidden_size) == (32, 1024)
+
+
+def _bench_json(tmp_path, argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert bench.main(argv + ["--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path),
+                                  "--no-progress", "--log-level", "WARNING", "--cpu-memory", "none", "--no-plots"]) == 0
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    return json.loads(path.read_text()), out.getvalue()
+
+
+def test_keep_tokens_and_the_progressive_schedule_on_the_tiny_llava_preset(tmp_path):
+    """``--keep-tokens`` budgets are visual tokens per image; with ``--schedule sparsevlm`` the budget is the
+    layer-average of the visual tokens computed and the FLOPs model follows every stage."""
+    data, stdout = _bench_json(tmp_path, ["--model", "tiny-llava", "--keep-tokens", "8,6", "--mode", "in-prefill",
+                                          "--schedule", "sparsevlm", "--layers", "8"])
+    assert data["settings"]["visual_tokens_per_row"] == 16 and data["settings"]["keep_tokens"] == [8, 6]
+    assert "OVERRIDDEN" in data["settings"]["model_description"]
+    rows = {r["config"]: r for r in data["results"]}
+    assert set(rows) == {"baseline", "keep=8 tokens", "keep=6 tokens"}
+    text = presets.preset_config("tiny-llava", overrides=dict(num_hidden_layers=8)).get_text_config()
+    for tokens in (8, 6):
+        row = rows[f"keep={tokens} tokens"]
+        stages = row["schedule"]
+        assert [layer for layer, _ in stages] == [1, 2, 4]  # 2/6/15 of 32 scaled to 8 layers
+        # the layer-average of the visual tokens computed is the budget (exactly, before rounding each stage)
+        from sparse_cache.select import layer_average_ratio
+
+        assert layer_average_ratio([tuple(s) for s in stages], 8) == pytest.approx(tokens / 16)
+        assert row["pruned"] and row["kept_visual_per_row"] == bench._budget(16, stages[-1][1], None) < 16
+        assert row["physical_length_prefill"] < data["settings"]["sequence_length"]
+        total = data["settings"]["sequence_length"]
+        per_layer = bench.bench_paper.schedule_tokens_per_layer(stages, 8, total, 16)
+        assert per_layer[:2] == [total, total] and per_layer[-1] == total - 16 + row["kept_visual_per_row"]
+        assert row["flops_model_prefill_vs_base"] == pytest.approx(
+            bench.prefill_flops(text, per_layer) / bench.prefill_flops(text, [total] * 8))
+    assert "Paper's setting" in stdout and "| keep=6 tokens |" in stdout
+
+
+def test_keep_tokens_without_a_schedule_on_the_anyres_preset(tmp_path):
+    data, stdout = _bench_json(tmp_path, ["--model", "tiny-llava-next", "--keep-tokens", "40", "--keep-ratios", "0.5",
+                                          "--mode", "both"])
+    assert data["settings"]["visual_tokens_per_row"] == 88  # 112 x 112: 16 base + 8 x 8 tiles + 8 newlines
+    rows = {r["config"]: r for r in data["results"]}
+    for mode in ("post-prefill", "in-prefill"):
+        assert rows[f"{mode} keep=40 tokens"]["kept_visual_per_row"] == 40 and rows[f"{mode} keep=40 tokens"]["pruned"]
+        assert rows[f"{mode} keep=0.5"]["kept_visual_per_row"] == 44
+    assert rows["in-prefill keep=40 tokens"]["flops_model_prefill_vs_base"] < 1.0
+    assert rows["post-prefill keep=40 tokens"]["flops_model_prefill_vs_base"] == 1.0
+
+
+def test_paper_comparison_lines_at_576_tokens():
+    """At LLaVA-1.5's 576 visual tokens the 192-token row is printed next to the paper's reported reductions."""
+    from types import SimpleNamespace
+
+    rows = [dict(config="baseline", keep_tokens=None, prefill_tflops_model=1.0),
+            dict(config="keep=192 tokens", keep_tokens=192, kept_visual_per_row=102, mode="in-prefill",
+                 schedule=[[2, 0.48], [6, 0.32], [15, 0.18]], flops_model_prefill_vs_base=0.39,
+                 prefill_tflops_model=0.39, prefill_vs_base=0.40, prefill_measured_over_flops_model=1.03)]
+    text = "\n".join(bench.bench_paper.comparison_lines(SimpleNamespace(rows=rows, settings={"visual_tokens_per_row": 576})))
+    assert "| keep=192 tokens | 102 | 2: 276, 6: 184, 15: 104 | x0.390 (0.39 of 1) | x0.400 | 1.030 " in text
+    assert "x0.463 (4.62T -> 2.14T)" in text and "x0.631 (57.82 ms -> 36.5 ms)" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "tiny-llava", "--visual-tokens", "16"], r"visual_tokens: preset tiny-llava's processor fixes"),
+        (["--model", "tiny-llava", "--keep-tokens", "0"], r"keep_tokens: '0' is not a comma-separated list of ints"),
+        (["--model", "tiny-llava", "--keep-tokens", "8,8"], r"keep_tokens: \[8, 8\] repeats a value"),
+        (["--model", "tiny-llava", "--keep-tokens", "8", "--schedule", "sparsevlm"],
+         r"schedule: 'sparsevlm' prunes inside the prefill; it needs mode 'in-prefill'"),
+        (["--model", "some/hub-model", "--layers", "2"], r"layers: overrides the depth of a preset"),
+        (["--model", "tiny-llava", "--layers", "0"], r"layers: 0 is not valid"),
+    ],
+)
+def test_paper_setting_arguments_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv + ["--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+def test_an_unreachable_schedule_budget_is_one_line(tmp_path, capsys):
+    """On 4 layers the first stage (layer 0) computes every visual token: a 4-of-16 layer-average is out of reach."""
+    code = bench.main(["--model", "tiny-llava", "--keep-tokens", "4", "--mode", "in-prefill", "--schedule", "sparsevlm",
+                       "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path),
+                       "--no-progress", "--log-level", "WARNING", "--cpu-memory", "none", "--no-plots"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "keep_ratio: an equivalent keep ratio of 0.25 is below" in err, err

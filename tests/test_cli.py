@@ -656,3 +656,85 @@ def test_prefill_time_includes_the_vision_tower_on_every_transformers(model_dir,
     monkeypatch.setattr(vision, "forward", slow_forward)
     _, timing = cli.timed_generate(loaded.model, inputs, 2, cli._resolve_device("cpu"))
     assert timing.prefill_s >= slow
+
+
+# --------------------------------------------------------------------------- LLaVA families
+
+
+@pytest.fixture(scope="module")
+def llava_dirs(tmp_path_factory):
+    """Tiny LLaVA-family checkpoints (model + processor saved as a directory)."""
+    dirs = {}
+    for family in testing.LLAVA_FAMILIES:
+        path = tmp_path_factory.mktemp(f"tiny-{family}")
+        testing.tiny_vlm_model(family, seed=0).save_pretrained(path)
+        testing.tiny_family_processor(family).save_pretrained(path)
+        dirs[family] = str(path)
+    return dirs
+
+
+def _image_tokens(processor, image_path, token_id):
+    image = Image.open(image_path).convert("RGB")
+    return int((_chat_inputs(processor, image, PROMPT)["input_ids"] == token_id).sum())
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_llava_families_generate_from_a_saved_checkpoint(capsys, llava_dirs, image_path, tmp_path, family):
+    """``--model DIR`` of LLaVA-1.5 / LLaVA-NeXT loads offline, prunes in both modes and draws the overlay and the
+    heat map through the adapter's views (LLaVA-1.5: the centre crop; NeXT: base tile + tile map + newlines)."""
+    path = llava_dirs[family]
+    config = AutoConfig.from_pretrained(path)
+    total = _image_tokens(AutoProcessor.from_pretrained(path), image_path, config.image_token_id)
+    assert total == (16 if family == "llava" else 16 + 6 * 8 + 6)  # 224 x 168: a 2 x 2-tile map, un-padded to 6 x 8
+    overlay, heatmap = tmp_path / "kept.png", tmp_path / "scores.png"
+    for mode in ("post-prefill", "in-prefill"):
+        code, out, err = run(capsys, "--json", "--model", path, "--image", image_path, "--prompt", PROMPT,
+                             "--keep-ratio", "0.25", "--max-new-tokens", "3", "--mode", mode,
+                             "--overlay", str(overlay), "--heatmap", str(heatmap))
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["visual_tokens_total"] == total
+        assert result["visual_tokens_kept"] == budget(total, 0.25, None) < total  # pruning happened
+        assert result["pruned"] and result["overlay"] == str(overlay)
+    picture = np.asarray(Image.open(overlay))
+    if family == "llava":
+        assert picture.shape == (168, 168, 3)  # the centre square of the 224 x 168 image, which the model sees
+    else:
+        assert picture.shape[0] == 168 and picture.shape[1] > 2 * 224 + 8  # base, tile map and newline column
+    assert (picture == np.array([255, 0, 0])).all(axis=-1).any(), "no kept-cell outline"
+    assert Image.open(heatmap).size[0] > picture.shape[1]  # with its colour bar
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "video_llava"])
+def test_llava_families_whose_processor_needs_torchvision(capsys, monkeypatch, llava_dirs, image_path, tmp_path,
+                                                          family):
+    """Without torchvision AutoProcessor returns only the tokenizer for these families: the CLI says so in one line.
+    Given the family's processor (as AutoProcessor returns it where torchvision is installed), it prunes and draws."""
+    path = llava_dirs[family]
+    code, out, err = run(capsys, "--model", path, "--image", image_path, "--max-new-tokens", "2")
+    if code == 1:  # no torchvision here
+        assert err.count("\n") == 1 and "loaded no image processor" in err and "torchvision" in err
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: testing.tiny_family_processor(family)))
+    overlay = tmp_path / "kept.png"
+    code, out, err = run(capsys, "--json", "--model", path, "--image", image_path, "--prompt", PROMPT,
+                         "--keep-tokens", "4", "--max-new-tokens", "2", "--overlay", str(overlay))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["visual_tokens_kept"] == 4 < result["visual_tokens_total"]  # pruning happened
+    assert (np.asarray(Image.open(overlay)) == np.array([255, 0, 0])).all(axis=-1).any()
+
+
+def test_a_vlm_of_no_supported_family_is_refused_naming_the_families(capsys, tmp_path):
+    """A VLM class outside the supported list (LLaVA-NeXT-Video) is refused from its config, in one line naming
+    every supported family and class."""
+    from transformers import LlavaNextVideoConfig
+
+    from sparse_cache.models import families
+
+    LlavaNextVideoConfig().save_pretrained(tmp_path / "next-video")
+    code, out, err = run(capsys, "--model", str(tmp_path / "next-video"))
+    assert code == 1 and err.count("\n") == 1, err
+    assert "is a 'llava_next_video' model (LlavaNextVideoConfig); sparse-cache supports" in err
+    for family in families():
+        assert family.family in err and all(name in err for name in family.model_classes), err

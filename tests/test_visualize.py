@@ -271,3 +271,119 @@ def test_heatmap_scale_is_robust_to_one_outlier_and_has_a_colour_bar(processor, 
     strip = np.asarray(barred)[:, 112:]
     assert (strip[..., 0] > 200).any() and (strip[..., 2] > 200).any()  # both ends of the ramp are drawn
     assert barred.info["vmin"] == robust.info["vmin"]
+
+
+# --------------------------------------------------------------------------- LLaVA layouts (views)
+
+
+def _llava_inputs(family, sizes):
+    processor = testing.tiny_family_processor(family)
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    return processor, images, testing.make_inputs(processor, ["count the objects."] * len(images),
+                                                  [[image] for image in images])
+
+
+def _embeds_seen_by_the_decoder(model, inputs):
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_views_follow_the_models_tile_layout(family):
+    """The adapter's views of a LLaVA-NeXT / OneVision image are the model's own packing: the newline positions are
+    exactly where the model put its learned ``image_newline`` vector (one per tile-map row), the grids hold every
+    other image token once, the base tile first (a 2 x 2-tile map for a 112 x 84 image: 16 + 6 x 8 + 6 = 70)."""
+    from sparse_cache.models import adapter_for
+
+    model = testing.tiny_vlm_model(family)
+    _, images, inputs = _llava_inputs(family, [(112, 84), (56, 112)])
+    embeds = _embeds_seen_by_the_decoder(model, inputs)
+    newline = model.model.image_newline.detach()
+    adapter = adapter_for(model)
+    for row in range(2):
+        views = adapter.image_views(inputs, row=row, image_size=images[row].size)
+        assert [v["name"] for v in views] == ["base", "tiles"]
+        base, tiles = views
+        assert base["grid"].shape == (4, 4) and base["newlines"] is None
+        assert tiles["newlines"].numel() == tiles["grid"].shape[0]  # one newline per tile-map row
+        image_pos = torch.nonzero(inputs["input_ids"][row] == adapter.image_token_id).flatten()
+        laid_out = torch.cat([base["grid"].flatten(), torch.cat([tiles["grid"], tiles["newlines"][:, None]], 1).flatten()])
+        assert torch.equal(laid_out, image_pos)  # every token once, in the model's order
+        is_newline = (embeds[row] == newline).all(-1)
+        assert torch.equal(torch.nonzero(is_newline).flatten(), tiles["newlines"])
+    assert views[1]["grid"].shape[1] < views[1]["grid"].shape[0]  # the portrait image: a tall, un-padded map
+    with pytest.raises(IndexError, match="image_index: 1 is outside the row's 1 image"):
+        adapter.image_views(inputs, row=0, image_index=1)
+
+
+def test_views_overlay_maps_kept_tokens_through_the_tiles():
+    """A kept token of the tile map lights its cell in the tile panel (right of the base panel), a kept newline its
+    row's cell of the newline column; everything else is dimmed."""
+    from sparse_cache.models import adapter_for
+    from sparse_cache.visualize import views_overlay
+
+    model = testing.tiny_vlm_model("llava_next")
+    _, images, inputs = _llava_inputs("llava_next", [(112, 84)])
+    views = adapter_for(model).image_views(inputs, image_size=images[0].size)
+    base, tiles = views
+    rows, cols = tiles["grid"].shape
+    kept = torch.tensor([int(tiles["grid"][1, 2]), int(tiles["newlines"][3])])
+    picture = np.asarray(views_overlay(images[0], views, kept, dim=DIM, outline=RED)).astype(np.int64)
+    src = np.asarray(images[0]).astype(np.int64)
+    height, width = src.shape[:2]
+    assert picture.shape[0] == height
+    np.testing.assert_array_equal(picture[:, :width], np.rint(src * DIM))  # base panel: nothing kept there
+    tile_panel = picture[:, width + 8:width + 8 + width]
+    y0, y1, x0, x1 = cell_box(1, 2, rows, cols, width, height)
+    np.testing.assert_array_equal(tile_panel[y0 + 1:y1 - 1, x0 + 1:x1 - 1], src[y0 + 1:y1 - 1, x0 + 1:x1 - 1])
+    assert (tile_panel[y0, x0:x1] == np.array(RED)).all()
+    y0, y1, x0, x1 = cell_box(0, 0, rows, cols, width, height)
+    np.testing.assert_array_equal(tile_panel[y0:y1, x0:x1], np.rint(src[y0:y1, x0:x1] * DIM))
+    strip = picture[:, width + 8 + width:]
+    assert strip.shape[1] >= 6
+    kept_row = cell_box(3, 0, rows, 1, 1, height)
+    pruned_row = cell_box(0, 0, rows, 1, 1, height)
+    assert (strip[kept_row[0]:kept_row[1]] == np.array(RED)).all(-1).any()  # the kept newline is outlined
+    assert (strip[pruned_row[0] + 1:pruned_row[1] - 1, 1:-1] == round(230 * DIM)).all()  # a pruned one dimmed
+
+
+def test_llava_view_is_the_centre_crop_the_processor_keeps():
+    """LLaVA-1.5's CLIP processor keeps the centre square of a landscape image: the one view's box says so, and the
+    overlay draws its 4 x 4 grid on that square only."""
+    from sparse_cache.models import adapter_for
+    from sparse_cache.visualize import views_overlay
+
+    model = testing.tiny_vlm_model("llava")
+    processor, images, inputs = _llava_inputs("llava", [(112, 56)])
+    (view,) = adapter_for(model).image_views(inputs, image_size=images[0].size,
+                                             image_processor=processor.image_processor)
+    assert view["box"] == (0.25, 0.0, 0.75, 1.0) and view["grid"].shape == (4, 4)
+    kept = view["grid"][0, :2].flatten()
+    picture = views_overlay(images[0], [view], kept, dim=DIM)
+    crop = images[0].crop((28, 0, 84, 56))
+    check_cells(crop, picture, 4, 4, {(0, 0), (0, 1)})
+
+
+def test_views_heatmap_colours_one_range_over_every_view():
+    from sparse_cache.models import adapter_for
+    from sparse_cache.visualize import views_heatmap
+
+    model = testing.tiny_vlm_model("llava_next")
+    _, images, inputs = _llava_inputs("llava_next", [(112, 84)])
+    views = adapter_for(model).image_views(inputs, image_size=images[0].size)
+    positions = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
+    scores = torch.arange(positions.numel(), dtype=torch.float32)
+    picture = views_heatmap(images[0], views, scores, positions, scale="minmax", colorbar=True)
+    assert (picture.info["vmin"], picture.info["vmax"]) == (0.0, float(positions.numel() - 1))
+    with pytest.raises(ValueError, match="scores: got 3 values"):
+        views_heatmap(images[0], views, scores[:3], positions)

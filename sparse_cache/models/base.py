@@ -210,6 +210,20 @@ class VLMAdapter:
         """The model's ``_prepare_position_ids_for_generation`` for a pruning cache (no shared state)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ overlays
+    def image_views(self, inputs: dict, row: int = 0, image_index: int = 0, image_size=None, image_processor=None):
+        """Where image ``image_index`` of batch row ``row`` is in ``input_ids`` and in the picture: a list of views,
+        each ``dict(name, grid, newlines, box)``: ``grid`` the ``(rows, cols)`` positions in ``input_ids[row]`` of
+        a grid of tokens laid over the part ``box = (x0, y0, x1, y1)`` of the image (fractions of its width and
+        height; beyond 0..1 where the processor padded it), ``newlines`` the positions of tokens that end each
+        grid row and show no pixels (``None``: none). ``image_size`` (width, height) and ``image_processor`` tell
+        families that crop or pad which part is seen. Qwen-VL: one grid (``image_grid_thw``) over the whole image."""
+        from ..visualize import token_grid
+
+        grid = token_grid(inputs["input_ids"], inputs["image_grid_thw"], self.image_token_id, row=row,
+                          image_index=image_index, merge_size=self.spatial_merge_size)
+        return [dict(name="image", grid=grid, newlines=None, box=(0.0, 0.0, 1.0, 1.0))]
+
     # ------------------------------------------------------------------ per-token extras
     def install(self) -> list:
         """Family-specific hooks or wrappers (returned as objects with ``remove()``); none by default."""

@@ -18,18 +18,23 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .llava import LlavaFamilyAdapter, encoded_counts
+from .llava import LlavaFamilyAdapter, encoded_counts, map_views
 
 
-def anyres_token_count(image_size, grid_pinpoints, tile: int, side: int, base: int) -> int:
-    """Tokens of one anyres image of ``image_size`` (height, width), as ``LlavaNextModel.pack_image_features``
-    lays them out: ``base`` tokens of the base image, then the un-padded tile map with a newline per row."""
+def anyres_map_shape(image_size, grid_pinpoints, tile: int, side: int) -> tuple[int, int]:
+    """``(height, width)`` in tokens of the un-padded tile map of an anyres image of ``image_size`` (height, width)."""
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     size = [int(v) for v in (image_size.tolist() if isinstance(image_size, torch.Tensor) else image_size)]
     rows, cols = get_anyres_image_grid_shape(size, grid_pinpoints, tile)
     unpadded = unpad_image(torch.empty(0, rows * side, cols * side), size)
-    height, width = unpadded.shape[1:]
+    return int(unpadded.shape[1]), int(unpadded.shape[2])
+
+
+def anyres_token_count(image_size, grid_pinpoints, tile: int, side: int, base: int) -> int:
+    """Tokens of one anyres image of ``image_size`` (height, width), as ``LlavaNextModel.pack_image_features``
+    lays them out: ``base`` tokens of the base image, then the un-padded tile map with a newline per row."""
+    height, width = anyres_map_shape(image_size, grid_pinpoints, tile, side)
     return base + height * (width + 1)
 
 
@@ -49,3 +54,13 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
             tile = int(self.config.vision_config.image_size)
             counts = [anyres_token_count(s, self.config.image_grid_pinpoints, tile, side, base) for s in sizes]
         return [(self.image_token_id, counts, None)]
+
+    def image_views(self, inputs: dict, row: int = 0, image_index: int = 0, image_size=None, image_processor=None):
+        """Two views: the base tile (the whole image squeezed to one tile) and the un-padded tile map over the whole
+        image, each map row followed by its ``image_newline`` token (the tile map's padding is cut off, so the map
+        covers the image)."""
+        k, positions = self.image_positions(inputs, row, image_index)
+        side = self.patch_side()
+        height, width = anyres_map_shape(inputs["image_sizes"][k], self.config.image_grid_pinpoints,
+                                         int(self.config.vision_config.image_size), side)
+        return map_views(positions, positions.numel() - height * (width + 1), side, height, width)

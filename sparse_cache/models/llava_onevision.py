@@ -22,12 +22,18 @@ import math
 import torch
 
 from . import register
-from .llava import LlavaFamilyAdapter, encoded_counts
+from .llava import LlavaFamilyAdapter, encoded_counts, map_views
 
 
 def onevision_image_token_count(image_size, grid_pinpoints, tile: int, side: int, aspect_ratio: str) -> int:
     """Tokens of one single-image-row image of ``image_size`` (height, width), as
     ``LlavaOnevisionModel.pack_image_features`` lays them out (base, un-padded and maybe shrunk tile map, newlines)."""
+    height, width = onevision_map_shape(image_size, grid_pinpoints, tile, side, aspect_ratio)
+    return side * side + height * (width + 1)
+
+
+def onevision_map_shape(image_size, grid_pinpoints, tile: int, side: int, aspect_ratio: str) -> tuple[int, int]:
+    """``(height, width)`` in tokens of the tile map of a single-image-row image (un-padded, maybe shrunk)."""
     from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
 
     size = [int(v) for v in (image_size.tolist() if isinstance(image_size, torch.Tensor) else image_size)]
@@ -38,7 +44,7 @@ def onevision_image_token_count(image_size, grid_pinpoints, tile: int, side: int
     ratio = math.sqrt(height * width / (max_num_patches * side**2))
     if ratio > 1.1:
         height, width = int(height // ratio), int(width // ratio)
-    return side * side + height * (width + 1)
+    return int(height), int(width)
 
 
 @register
@@ -76,3 +82,17 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
         images = encoded_counts(kwargs, "image") or self.image_counts(kwargs)
         videos = encoded_counts(kwargs, "video") or self.video_counts(kwargs)
         return [(self.image_token_id, images, None), (self.video_token_id, videos, None)]
+
+    def image_views(self, inputs: dict, row: int = 0, image_index: int = 0, image_size=None, image_processor=None):
+        """An image alone in its row: the base tile (the whole image resized to one tile) and the tile map over the
+        whole image (un-padded, shrunk past ``anyres_max_N``), a newline after each map row. An image of a row with
+        several images: one tile and its newline."""
+        k, positions = self.image_positions(inputs, row, image_index)
+        side = self.patch_side()
+        if positions.numel() == side * side + 1:  # one tile + newline (several images in the row)
+            return [dict(name="image", grid=positions[:-1].view(side, side), newlines=positions[-1:],
+                         box=(0.0, 0.0, 1.0, 1.0))]
+        aspect = inputs.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+        height, width = onevision_map_shape(inputs["image_sizes"][k], self.config.image_grid_pinpoints,
+                                            int(self.config.vision_config.image_size), side, aspect)
+        return map_views(positions, positions.numel() - height * (width + 1), side, height, width)
