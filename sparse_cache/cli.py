@@ -44,6 +44,8 @@ import traceback
 from dataclasses import dataclass
 from collections.abc import Sequence
 
+from . import cli_budget
+
 # torch, transformers and the library proper are imported inside the functions that need them, so that
 # --help, --version and argument errors answer at once (tests/test_cli.py times it).
 
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "LAMBDA x (n - rank(P)) of an image's n visual tokens, P being the raters' attention; LAMBDA in (0, 1), "
         "e.g. 0.5",
     )
+    cli_budget.add_flags(budget, _keep_ratio, _positive_int)  # --coverage, --max-visual-tokens, --max-kv-bytes
     gen.add_argument(
         "--model", metavar="ID_OR_PATH",
         help=f"Hub id or local directory of a model of a supported family ({families}), e.g. {EXAMPLE_MODEL} "
@@ -608,6 +611,8 @@ def pruning_request(args: argparse.Namespace, keep_ratio: float, total_visual: i
 
     if args.adaptive_scale is not None:
         return None
+    if cli_budget.arguments(args):
+        return cli_budget.pruning_request(args, total_visual)
     if args.keep_tokens is not None:
         if args.keep_tokens >= total_visual:
             return f"--keep-tokens {args.keep_tokens} is not below the image's {total_visual} visual tokens"
@@ -620,6 +625,8 @@ def pruning_request(args: argparse.Namespace, keep_ratio: float, total_visual: i
 def _budget_text(args: argparse.Namespace, keep_ratio: float) -> str:
     if args.adaptive_scale is not None:
         return f"--adaptive-scale {args.adaptive_scale:g}"
+    if cli_budget.arguments(args):
+        return cli_budget.text(args)
     if args.keep_tokens is not None:
         return f"--keep-tokens {args.keep_tokens}"
     return f"keep_ratio={keep_ratio:g}"
@@ -772,8 +779,13 @@ def run_generate(args: argparse.Namespace, checked: CheckedArguments | None = No
 
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device, toy=args.model is None)
+    auto_budget = cli_budget.arguments(args)  # {"coverage": C} etc.: keep_ratio="auto"
+    try:
+        cli_budget.check(args)  # the library's validation, in flag names, before the model loads
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
     fixed_budget = args.keep_ratio is not None or args.keep_tokens is not None or args.adaptive_scale is not None
-    keep_ratio = args.keep_ratio if fixed_budget else DEFAULT_KEEP_RATIO
+    keep_ratio = args.keep_ratio if fixed_budget or auto_budget else DEFAULT_KEEP_RATIO
     repeats = args.repeats or (DEFAULT_COMPARE_REPEATS if args.compare else 1)
     timing_tokens = getattr(args, "timing_tokens", DEFAULT_TIMING_TOKENS)
 
@@ -798,7 +810,7 @@ def run_generate(args: argparse.Namespace, checked: CheckedArguments | None = No
         return PrunableDynamicCache(
             model, keep_ratio=keep_ratio, keep_tokens=args.keep_tokens, scorer=args.scorer,
             scoring_layer=args.scoring_layer, seed=args.seed, mode=args.mode, schedule=args.schedule,
-            adaptive_scale=args.adaptive_scale,
+            adaptive_scale=args.adaptive_scale, **auto_budget,
         )
 
     try:
@@ -818,6 +830,13 @@ def run_generate(args: argparse.Namespace, checked: CheckedArguments | None = No
     # Untimed warm-up: the first call pays one-off costs (kernel selection, allocator growth, first use of the
     # pruning code paths); it also fails fast if pruning does not happen.
     logger.debug("warm-up: one pruned two-token generate")
+    if auto_budget and not_pruned is None and "max_visual_tokens" not in auto_budget:
+        warm = make_cache()  # a coverage or byte budget may itself pick every token: then a control run
+        try:
+            _generate(model, inputs, 2, device, cache=warm)
+        except ValueError as exc:  # e.g. --max-kv-bytes below the text's KV (known only in the call)
+            raise CLIError(cli_budget.flag_names(_one_line(exc))) from exc
+        not_pruned = cli_budget.kept_everything(warm, total_visual, budget_text)
     pruned_run(2)
     pruned_timings, unpruned_timings, order = [], [], []
     reference = None
@@ -862,9 +881,10 @@ def run_generate(args: argparse.Namespace, checked: CheckedArguments | None = No
         "prompt": prompt,
         "expected_answer": expected,
         "scorer": args.scorer,
-        "keep_ratio": keep_ratio,
+        "keep_ratio": "auto" if auto_budget else keep_ratio,
         "keep_tokens": args.keep_tokens,
         "adaptive_scale": args.adaptive_scale,
+        **{name: auto_budget.get(name) for name in cli_budget.TARGETS},
         "mode": args.mode,
         "schedule": args.schedule,
         "answer": answer_of(sequences),
@@ -1049,6 +1069,8 @@ def format_report(r: dict) -> str:
         budget = f"adaptive_scale={r['adaptive_scale']:g}"
     elif r["keep_tokens"] is not None:
         budget = f"keep_tokens={r['keep_tokens']}"
+    elif r["keep_ratio"] == "auto":
+        budget = "keep_ratio=auto " + " ".join(f"{k}={r[k]:g}" for k in cli_budget.TARGETS if r.get(k) is not None)
     else:
         budget = f"keep_ratio={r['keep_ratio']:g}"
     budget += f" mode={r['mode']}" + (f" schedule={r['schedule']}" if r["schedule"] else "")

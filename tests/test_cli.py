@@ -738,3 +738,80 @@ def test_a_vlm_of_no_supported_family_is_refused_naming_the_families(capsys, tmp
     assert "is a 'llava_next_video' model (LlavaNextVideoConfig); sparse-cache supports" in err
     for family in families():
         assert family.family in err and all(name in err for name in family.model_classes), err
+
+# --------------------------------------------------------------------------- budgets that pick themselves
+
+
+def test_coverage_and_visual_token_cap_reach_the_cache(capsys, model_dir, image_path):
+    """--coverage / --max-visual-tokens are the library's keep_ratio="auto" targets: the kept counts are those of
+    the same cache built directly (cache.stats), and pruning happened."""
+    loaded = cli.load_model(model_dir, cli._resolve_device("cpu"), cli._resolve_dtype("float32", None, False), "sdpa")
+    inputs = _chat_inputs(loaded.processor, cli.load_image(image_path), PROMPT)
+    for flag, value, target in (("--coverage", "0.5", {"coverage": 0.5}), ("--max-visual-tokens", "7",
+                                                                           {"max_visual_tokens": 7})):
+        code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--prompt", PROMPT, flag, value,
+                             "--max-new-tokens", "2", "--json")
+        assert code == 0, err
+        result = json.loads(out)
+        cache = PrunableDynamicCache(loaded.model, **target)
+        loaded.model.generate(**inputs, **{CACHE_KWARG: cache}, max_new_tokens=2, do_sample=False)
+        expected = cache.stats.visual_tokens_kept
+        assert expected == cache.kept_visual_positions[0].numel() < 48  # the direct call pruned
+        assert result["visual_tokens_kept"] == expected and result["visual_tokens_total"] == 48
+        assert result["pruned"] is True and result["keep_ratio"] == "auto"
+        assert {k: result[k] for k in target} == target
+        assert result["stats"]["budget"] == cache.stats.budget and result["stats"]["visual_tokens_kept"] == expected
+        if "max_visual_tokens" in target:
+            assert expected == 7
+    code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--prompt", PROMPT, "--coverage", "0.5",
+                         "--max-new-tokens", "2")
+    assert code == 0, err
+    assert fields(out)["visual tokens"].endswith("scorer=sparsevlm keep_ratio=auto coverage=0.5 mode=post-prefill")
+
+
+def test_a_byte_budget_keeps_the_kv_under_it(capsys, model_dir, image_path):
+    code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--prompt", PROMPT, "--json",
+                         "--max-new-tokens", "2", "--max-kv-bytes", "1")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    needed = int(re.search(r"--max-kv-bytes >= (\d+)", err).group(1))
+    assert err.startswith("sparse-cache: error: --max-kv-bytes: 1 bytes is smaller than the KV of the text"), err
+    budget_bytes = needed + 5 * (needed // 100)  # the text, one visual token and a few more
+    code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--prompt", PROMPT, "--json",
+                         "--max-new-tokens", "2", "--max-kv-bytes", str(budget_bytes))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["max_kv_bytes"] == budget_bytes and result["pruned"] is True
+    assert 1 <= result["visual_tokens_kept"] < 48  # pruning happened
+    assert result["stats"]["rows"][0]["kv_bytes_after"] <= budget_bytes < result["stats"]["rows"][0]["kv_bytes_before"]
+
+
+def test_a_budget_that_picks_every_token_is_a_control_not_a_claim(capsys, model_dir, image_path):
+    """--coverage 1 keeps every token with any attention mass (all of them): reported as a control run."""
+    code, out, err = run(capsys, "--model", model_dir, "--image", image_path, "--prompt", PROMPT, "--json",
+                         "--max-new-tokens", "2", "--coverage", "1")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["visual_tokens_kept"] == 48 and result["pruned"] is False
+    assert result["not_pruned_because"].startswith("--coverage 1 kept every one of the image's 48 visual tokens")
+
+
+AUTO_BUDGET_ERRORS = [
+    (["--coverage", "0.5", "--keep-ratio", "0.3"], 2, "argument --keep-ratio: not allowed with argument --coverage"),
+    (["--max-kv-bytes", "9", "--keep-tokens", "3"], 2, "not allowed with argument --max-kv-bytes"),
+    (["--coverage", "0.5", "--max-visual-tokens", "3"], 2, "not allowed with argument --coverage"),
+    (["--coverage", "0"], 2, "--coverage: expected a number in (0, 1]"),
+    (["--max-visual-tokens", "0"], 2, "--max-visual-tokens: expected a positive integer"),
+    (["--coverage", "0.8", "--scorer", "random"], 1,
+     "--coverage: needs scores that are a mass (non-negative attention shares); scorer 'random'"),
+    (["--coverage", "0.8", "--mode", "in-prefill", "--schedule", "sparsevlm"], 1,
+     "--coverage: a progressive schedule sets every stage's ratio; leave --schedule unset"),
+]
+
+
+@pytest.mark.parametrize("argv, status, message", AUTO_BUDGET_ERRORS, ids=[e[2] for e in AUTO_BUDGET_ERRORS])
+def test_auto_budget_errors_name_the_flag_before_the_model_loads(capsys, monkeypatch, model_dir, argv, status,
+                                                                 message):
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, out, err = run(capsys, "--model", model_dir, *argv)
+    assert code == status and out == "" and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err

@@ -286,6 +286,59 @@ def test_quality_report_carries_intervals_and_sample_counts(toy, tmp_path):
     assert quality.markdown_report(written) == text  # the tables can be rebuilt from the JSON alone
 
 
+def test_quality_coverage_rows_count_what_cache_stats_kept(toy, tmp_path):
+    """A coverage row (sparsevlm, keep_ratio="auto") reports the visual tokens each sample kept, as the cache's
+    own stats count them for the same batch; pruning happened; it is compared with unpruned and with the fixed
+    count of its mean; ``--only coverage`` adds such rows to an existing report and leaves the others alone."""
+    model, processor = toy
+    protocol = "followup-different"
+    report = quality.run_quality(model, processor, scorers=["random"], keep_ratios=[1.0, 0.5], protocols=[protocol],
+                                 samples=12, batch_size=12, coverages=[0.5])
+    row = next(r for r in report["results"] if r.get("coverage") == 0.5)
+    assert row["keep_ratio"] == "auto" and row["scorer"] == quality.DEFAULT_SCORER and row["visual_tokens"] == 64
+    kept = row[quality.PER_SAMPLE]["kept_tokens"]
+    # the same first turn on a cache built here: its stats count the same tokens per sample
+    conversations = quality_data(12, protocol)
+    inputs = quality.encode_batches(processor, conversations, 12)[0][1]
+    cache = PrunableDynamicCache(model, keep_ratio="auto", coverage=0.5)
+    model.generate(**inputs, **{CACHE_KWARG: cache}, max_new_tokens=1, do_sample=False)
+    counts = [r.visual_tokens_kept for r in cache.stats.rows]
+    assert counts == [int(k.numel()) for k in cache.kept_visual_positions] == kept.astype(int).tolist()
+    assert row["kept_tokens"] == np.mean(counts) < 64 and row["samples_keeping_all"] < 12  # pruning happened
+    assert row["kept_tokens_range"] == [min(counts), max(counts)] and _within(row["kept_tokens"], row["kept_tokens_ci"])
+    assert row["kept_share"] == pytest.approx(np.mean(counts) / 64)
+    matched = next(r for r in report["results"] if r.get("matched_to") == "coverage=0.5")
+    assert matched["keep_tokens"] == int(np.floor(np.mean(counts) + 0.5)) and matched["kept_tokens"] == matched[
+        "keep_tokens"]
+    ours = [c for c in report["comparisons"] if c.get("coverage") == 0.5]
+    assert sorted((c["baseline"], c["metric"]) for c in ours) == [
+        (quality.MATCHED, "accuracy"), (quality.MATCHED, "queried_recall"), (quality.UNPRUNED, "accuracy")]
+    assert all(c["keep_ratio"] == "auto" for c in ours)
+    assert not any(c.get("matched_to") or c["scorer"] == quality.DEFAULT_SCORER and c["keep_ratio"] != "auto"
+                   for c in report["comparisons"])  # the matched row is a baseline only
+    text = quality.markdown_report(report)
+    assert "Coverage budgets" in text and f"| 0.5 | {row['kept_tokens']:.1f} [" in text
+
+    # --only coverage: into an existing report written without coverage rows
+    first = quality.run_quality(model, processor, scorers=["random"], keep_ratios=[1.0, 0.5], protocols=[protocol],
+                                samples=12, batch_size=12)
+    quality.write_report(first, tmp_path, plot=False)
+    before = json.loads((tmp_path / "quality.json").read_text())
+    argv = ["--only", "coverage", "--coverages", "0.5", "--samples", "12", "--protocols", protocol, "--batch-size",
+            "12", "--out-dir", str(tmp_path), "--no-plot", "--no-progress"]
+    assert quality.main(argv) == 0
+    after = json.loads((tmp_path / "quality.json").read_text())
+    assert [r for r in after["results"] if r.get("coverage") is None and r.get("matched_to") is None] \
+        == before["results"]
+    assert [c for c in after["comparisons"] if c.get("coverage") is None] == before["comparisons"]
+    merged = next(r for r in after["results"] if r.get("coverage") == 0.5)
+    assert merged["kept_tokens"] == row["kept_tokens"] and merged["accuracy"] == row["accuracy"]
+    assert after["settings"]["coverages"] == [0.5] and after["settings"]["scorers"] == ["random"]
+    assert (tmp_path / "quality.md").read_text() == quality.markdown_report(after)
+    with pytest.raises(SystemExit):  # another seed: other samples than the report's
+        quality.main(argv + ["--seed", "1"])
+
+
 def quality_data(samples, protocol, seed=0):
     """The conversations :func:`quality.run_quality` draws for ``protocol`` (same seeding)."""
     rng = np.random.default_rng([seed, list(quality.PROTOCOLS).index(protocol)])
@@ -316,6 +369,8 @@ def test_quality_refuses_a_cache_that_pruned_nothing(toy, monkeypatch, capsys, t
     conversations = [make_followup(seed, same=True) for seed in range(2)]
     with pytest.raises(RuntimeError, match="nothing was pruned"):
         quality.evaluate_followup(model, processor, conversations, "random", 0.5, batch_size=2)
+    with pytest.raises(RuntimeError, match="nothing was pruned.*coverage=0.5 should drop some"):
+        quality.evaluate_single(model, processor, samples, "sparsevlm", {"coverage": 0.5}, batch_size=2)
     assert quality.evaluate_single(model, processor, samples, "random", 1.0, batch_size=2)["kept_tokens"] == 64
     argv = ["--samples", "2", "--scorers", "random", "--keep-ratios", "0.5", "--protocols", "single",
             "--batch-size", "2", "--no-plot", "--no-progress", "--out-dir", str(tmp_path / "out")]

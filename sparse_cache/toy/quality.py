@@ -29,6 +29,16 @@ Every figure comes with a 95% interval (accuracy: Wilson score; share of queried
 bootstrap over the samples) and the number of samples; differences between rows are paired bootstrap
 intervals on the same samples (:mod:`.stats`); a difference is called only when its interval excludes 0.
 
+Coverage budgets: ``--coverages 0.5,0.8,0.95`` (the default) also runs the default scorer at its default layer
+with ``keep_ratio="auto", coverage=c`` (each image keeps the fewest top-scored tokens holding ``c`` of its score
+mass, so the count varies per sample; it is read from ``cache.stats`` and reported with its interval). A
+coverage row is compared (paired) with unpruned and with the same scorer keeping a *fixed count* per image equal
+to the coverage row's mean count (rounded): the same mean budget, spent evenly. ``--only coverage`` runs just
+those rows (and the unpruned ones, to check the samples are the report's) and puts them into the report already
+in ``--out-dir``::
+
+    python -m sparse_cache.toy.quality --only coverage --out-dir benchmarks/quality
+
 Writes ``quality.md`` (tables), ``quality.json`` (every number, interval and comparison, and the settings) and
 ``quality.png`` (with error bars).
 """
@@ -74,6 +84,9 @@ __all__ = [
     "evaluate_followup",
     "run_quality",
     "paired_comparisons",
+    "COVERAGES",
+    "merge_coverage",
+    "coverage_table",
     "markdown_report",
     "report_json",
     "write_report",
@@ -81,6 +94,12 @@ __all__ = [
 ]
 
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
+#: coverage targets of the self-picking budget (``keep_ratio="auto", coverage=c``) the command line runs by default
+COVERAGES = (0.5, 0.8, 0.95)
+#: baseline of a coverage row: the same scorer keeping a fixed count per image, its mean count (rounded)
+MATCHED = "fixed-count"
+#: what ``--only`` can rerun into an existing report
+ONLY = ("coverage",)
 #: default --out-dir: a scratch folder in the current one, never the committed benchmarks/quality
 DEFAULT_OUT_DIR = "toy_quality"
 REPORT_FILES = {"markdown": "quality.md", "json": "quality.json", "plot": "quality.png"}
@@ -145,11 +164,13 @@ def parse_scorer(spec: str) -> tuple[str, int | None]:
     return name, int(layer)
 
 
-def _make_cache(model, scorer: str, keep_ratio: float, cells, mode: str | None = None):
-    if scorer == UNPRUNED or keep_ratio >= 1.0:
+def _make_cache(model, scorer: str, keep_ratio, cells, mode: str | None = None):
+    """``keep_ratio``: a float, or the cache's budget arguments as a dict (``{"coverage": 0.8}``,
+    ``{"keep_tokens": 12}``: :func:`budget_arguments`)."""
+    if scorer == UNPRUNED or (not isinstance(keep_ratio, dict) and keep_ratio >= 1.0):
         return DynamicCache(config=model.config)
     name, layer = parse_scorer(scorer)
-    kwargs = {}
+    kwargs = dict(keep_ratio) if isinstance(keep_ratio, dict) else {"keep_ratio": keep_ratio}
     if layer is not None:
         kwargs["scoring_layer"] = layer
     if mode is not None:
@@ -157,7 +178,7 @@ def _make_cache(model, scorer: str, keep_ratio: float, cells, mode: str | None =
         if layer is None and _default_layer(name) is None:
             kwargs["scoring_layer"] = IN_PREFILL_DEFAULT_LAYER
     instance = QueriedCellsScorer(cells) if name == ORACLE else name
-    return PrunableDynamicCache(model, keep_ratio=keep_ratio, scorer=instance, **kwargs)
+    return PrunableDynamicCache(model, scorer=instance, **kwargs)
 
 
 #: depth of the shipped toy VLM (the scorers' published layers are scaled to it, as the cache does)
@@ -185,18 +206,53 @@ def _first_visual(input_ids: torch.Tensor, image_token_id: int) -> list[int]:
     return out
 
 
-def _check_pruned(cache, keep_ratio: float, num_visual: int) -> None:
-    """Raise ``RuntimeError`` if a cache that had to drop visual tokens kept them all (never a silent 100%)."""
-    if not isinstance(cache, PrunableDynamicCache) or budget(num_visual, keep_ratio, None) >= num_visual:
+def _check_pruned(cache, keep_ratio, num_visual: int) -> None:
+    """Raise ``RuntimeError`` if a cache that had to drop visual tokens kept them all (never a silent 100%).
+
+    A coverage budget picks each row's count: some row may keep every token, but the call as a whole must have
+    dropped some (and recorded its selection)."""
+    if not isinstance(cache, PrunableDynamicCache):
         return
+    auto = isinstance(keep_ratio, dict) and "coverage" in keep_ratio
+    if not auto:
+        ratio, tokens = (keep_ratio.get("keep_ratio"), keep_ratio.get("keep_tokens")) if isinstance(keep_ratio, dict) \
+            else (keep_ratio, None)
+        if budget(num_visual, ratio, tokens) >= num_visual:
+            return
     kept = [int(k.numel()) for k in cache.kept_visual_positions]
-    if kept and all(n < num_visual for n in kept) and cache.get_physical_length() < cache.get_seq_length():
+    pruned_rows = (sum(kept) < num_visual * len(kept)) if auto else all(n < num_visual for n in kept)
+    if kept and pruned_rows and cache.get_physical_length() < cache.get_seq_length():
         return
     what = f"kept {kept} of {num_visual} visual tokens per row" if kept else "recorded no selection"
+    asked = (f"{budget_label(keep_ratio)} should drop some" if auto else
+             f"{budget_label(keep_ratio)} should keep {budget(num_visual, ratio, tokens)}")
     raise RuntimeError(
-        f"nothing was pruned with transformers {transformers.__version__}: keep_ratio={keep_ratio:g} should keep "
-        f"{budget(num_visual, keep_ratio, None)} of {num_visual} visual tokens, but the cache {what}"
+        f"nothing was pruned with transformers {transformers.__version__}: {asked} of {num_visual} visual tokens, "
+        f"but the cache {what}"
     )
+
+
+def budget_arguments(row_budget) -> dict:
+    """The cache arguments of a budget: a float keep ratio, or a dict of them (``{"coverage": 0.8}``)."""
+    return dict(row_budget) if isinstance(row_budget, dict) else {"keep_ratio": float(row_budget)}
+
+
+def budget_label(row_budget) -> str:
+    """``keep_ratio=0.25``, ``coverage=0.8``, ``keep_tokens=12``."""
+    return ", ".join(f"{k}={v:g}" for k, v in budget_arguments(row_budget).items())
+
+
+def _kept_counts(cache, cells: list[set[int]]) -> list[int]:
+    """Visual tokens kept per row, from ``cache.stats`` (the call's pruning pass), checked against the kept
+    positions; the counts of ``cells`` for a plain cache (unpruned)."""
+    stats = getattr(cache, "stats", None) if isinstance(cache, PrunableDynamicCache) else None
+    if stats is None:
+        return [len(c) for c in cells]
+    counts = [row.visual_tokens_kept for row in stats.rows]
+    if counts != [len(c) for c in cells]:
+        raise RuntimeError(f"cache.stats counts {counts} visual tokens kept per row, the kept positions "
+                           f"{[len(c) for c in cells]}")
+    return counts
 
 
 def _kept_cells(cache, first_visual: list[int], num_visual: int) -> list[set[int]]:
@@ -236,6 +292,13 @@ def _tally(records: list[dict]) -> dict:
         "queried_recall_ci": list(bootstrap_interval(recalls)),
         "kept_tokens": float(np.mean([r["kept"] for r in records])) if records else math.nan,
     }
+    if records:  # visual tokens kept per sample (cache.stats): spread and interval (they vary under coverage)
+        kept = np.array([r["kept"] for r in records], dtype=float)
+        out["kept_tokens_ci"] = list(bootstrap_interval(kept))
+        out["kept_tokens_range"] = [int(kept.min()), int(kept.max())]
+        out["visual_tokens"] = int(records[0]["visual"])
+        out["kept_share"] = float(kept.mean() / records[0]["visual"])
+        out["samples_keeping_all"] = int(sum(r["kept"] >= r["visual"] for r in records))
     if records and "first_correct" in records[0]:
         first = sum(r["first_correct"] for r in records)
         out["first_turn_accuracy"] = first / n
@@ -244,6 +307,7 @@ def _tally(records: list[dict]) -> dict:
         "accuracy": np.array([float(r["correct"]) for r in records]),
         # NaN for the samples whose answer is no (no queried cell): the same samples for every scorer
         "queried_recall": np.array([r["recall"] if r["answer"] == ANSWERS[0] else math.nan for r in records]),
+        "kept_tokens": np.array([float(r["kept"]) for r in records]),
     }
     return out
 
@@ -263,12 +327,13 @@ def encode_batches(processor, items, batch_size: int = 100) -> list:
 
 @torch.no_grad()
 def evaluate_single(
-    model, processor, samples, scorer: str, keep_ratio: float, mode: str | None = None, batch_size: int = 100,
+    model, processor, samples, scorer: str, keep_ratio, mode: str | None = None, batch_size: int = 100,
     batches: list | None = None,
 ) -> dict:
     """Protocol (a) (``mode=None``: the default post-prefill pruning) or (c) (``mode="in-prefill"``).
 
     ``batches``: the output of :func:`encode_batches` for ``samples`` (computed here if not given).
+    ``keep_ratio``: a float, or the cache's budget arguments (``{"coverage": 0.8}``, ``{"keep_tokens": 12}``).
     """
     image_token_id = model.config.image_token_id
     records = []
@@ -279,20 +344,21 @@ def evaluate_single(
         _check_pruned(cache, keep_ratio, num_visual)
         predicted = _answers(processor, out[:, inputs["input_ids"].shape[1] :])
         kept = _kept_cells(cache, _first_visual(inputs["input_ids"], image_token_id), num_visual)
-        for sample, answer, cells in zip(chunk, predicted, kept):
+        for sample, answer, cells, count in zip(chunk, predicted, kept, _kept_counts(cache, kept)):
             queried = set(sample.queried_cells)
             records.append({
                 "answer": sample.answer,
                 "correct": answer == sample.answer,
                 "recall": len(queried & cells) / len(queried) if queried else math.nan,
-                "kept": len(cells),
+                "kept": count,
+                "visual": num_visual,
             })
     return _tally(records)
 
 
 @torch.no_grad()
 def evaluate_followup(
-    model, processor, conversations, scorer: str, keep_ratio: float, batch_size: int = 100, batches: list | None = None
+    model, processor, conversations, scorer: str, keep_ratio, batch_size: int = 100, batches: list | None = None
 ) -> dict:
     """Protocol (b): turn 1 (pruned after its prefill) then turn 2 on the same cache, scored on turn 2.
 
@@ -321,14 +387,16 @@ def evaluate_followup(
         )
         second = _answers(processor, out2[:, input_ids.shape[1] :])
         kept = _kept_cells(cache, _first_visual(inputs["input_ids"], image_token_id), num_visual)
-        for conv, a1, a2, cells in zip(chunk, first, second, kept):
+        # the second turn brings no image: cache.stats still describes the first turn's pruning pass
+        for conv, a1, a2, cells, count in zip(chunk, first, second, kept, _kept_counts(cache, kept)):
             queried = set(conv.queried_cells[1])
             records.append({
                 "answer": conv.answers[1],
                 "correct": a2 == conv.answers[1],
                 "first_correct": a1 == conv.answers[0],
                 "recall": len(queried & cells) / len(queried) if queried else math.nan,
-                "kept": len(cells),
+                "kept": count,
+                "visual": num_visual,
             })
     return _tally(records)
 
@@ -359,17 +427,34 @@ def run_quality(
     seed: int = 0,
     batch_size: int = 100,
     progress: bool = False,
+    coverages: Sequence[float] = (),
+    only: str | None = None,
 ) -> dict:
     """Run the benchmark; returns ``{"settings": ..., "results": [row, ...], "skipped": {...}}``.
 
     Each result row: ``protocol``, ``scorer``, ``keep_ratio`` and the metrics of :func:`_tally`
     (``accuracy``, ``queried_recall`` over the samples whose answer is yes, ``kept_tokens`` ...).
+
+    ``coverages``: also run the default scorer (at its default layer) with ``keep_ratio="auto", coverage=c``
+    (rows with ``keep_ratio: "auto"`` and ``coverage``), each followed by its :data:`MATCHED` baseline: the same
+    scorer keeping ``round(mean kept)`` tokens of every image (``keep_tokens``; row key ``matched_to``), so that
+    a coverage row is compared with a fixed budget of the same mean size (:func:`paired_comparisons`).
+    ``only="coverage"``: the unpruned and coverage rows only (no fixed-ratio scorer rows), for
+    :func:`merge_coverage`.
     """
     if model is None or processor is None:
         model, processor = load_toy_vlm()
     scorers = list(scorers) if scorers is not None else default_scorers()
     for spec in scorers:
         parse_scorer(spec)
+    if only is not None and only not in ONLY:
+        raise ValueError(f"only: expected one of {list(ONLY)} or None, got {only!r}")
+    coverages = sorted({float(c) for c in coverages})
+    for c in coverages:
+        if not 0 < c < 1:
+            raise ValueError(f"coverages: each must be in (0, 1) (1 keeps every token with any mass), got {c}")
+    if only == "coverage" and not coverages:
+        raise ValueError("only: 'coverage' needs coverages, e.g. coverages=(0.5, 0.8, 0.95)")
     protocols = list(protocols) if protocols is not None else list(PROTOCOLS)
     for name in protocols:
         if name not in PROTOCOLS:
@@ -399,7 +484,9 @@ def run_quality(
     jobs = []
     for name in protocols:
         jobs.append((name, UNPRUNED, 1.0))
-        jobs += [(name, s, r) for s in scorers for r in ratios if r < 1.0]
+        if only is None:
+            jobs += [(name, s, r) for s in scorers for r in ratios if r < 1.0]
+        jobs += [(name, DEFAULT_SCORER, {"coverage": c}) for c in coverages]  # each followed by its matched row
     iterator = jobs
     if progress:
         try:
@@ -411,17 +498,29 @@ def run_quality(
     results = []
     start_time, start_cpu = time.time(), time.process_time()
     batches = {name: encode_batches(processor, items, batch_size) for name, items in data.items()}
-    for name, scorer, ratio in iterator:
+    def evaluate(name, scorer, ratio):
         if name.startswith("followup"):
-            metrics = evaluate_followup(model, processor, data[name], scorer, ratio, batches=batches[name])
+            return evaluate_followup(model, processor, data[name], scorer, ratio, batches=batches[name])
+        mode = "in-prefill" if name == "in-prefill" else None
+        return evaluate_single(model, processor, data[name], scorer, ratio, mode, batches=batches[name])
+
+    for name, scorer, ratio in iterator:
+        metrics = evaluate(name, scorer, ratio)
+        if isinstance(ratio, dict):  # coverage: keep_ratio="auto", then the fixed count of the same mean
+            row = {"protocol": name, "scorer": scorer, "keep_ratio": "auto", "coverage": ratio["coverage"], **metrics}
+            count = max(1, int(math.floor(metrics["kept_tokens"] + 0.5)))
+            matched = {"protocol": name, "scorer": scorer, "keep_ratio": count / metrics["visual_tokens"],
+                       "keep_tokens": count, "matched_to": budget_label(ratio),
+                       **evaluate(name, scorer, {"keep_tokens": count})}
         else:
-            mode = "in-prefill" if name == "in-prefill" else None
-            metrics = evaluate_single(model, processor, data[name], scorer, ratio, mode, batches=batches[name])
-        row = {"protocol": name, "scorer": scorer, "keep_ratio": ratio, **metrics}
-        if name == "in-prefill" and scorer != UNPRUNED:
-            row["pruning_layer"] = _pruning_layer(scorer)
-        results.append(row)
-        logger.debug("%s", row)
+            row, matched = {"protocol": name, "scorer": scorer, "keep_ratio": ratio, **metrics}, None
+        for r in (row, matched):
+            if r is None:
+                continue
+            if name == "in-prefill" and scorer != UNPRUNED:
+                r["pruning_layer"] = _pruning_layer(scorer)
+            results.append(r)
+            logger.debug("%s", r)
     # keep_ratio 1.0 keeps everything: every scorer equals the unpruned model there
     for name in protocols:
         base = next(r for r in results if r["protocol"] == name and r["scorer"] == UNPRUNED)
@@ -433,7 +532,9 @@ def run_quality(
         "seed": seed,
         "intervals": INTERVALS,
         "keep_ratios": ratios,
-        "scorers": scorers,
+        "scorers": scorers if only is None else [],
+        "coverages": coverages,
+        "coverage_scorer": DEFAULT_SCORER,
         "protocols": {p: PROTOCOLS[p] for p in protocols},
         "seconds": round(time.time() - start_time, 1),
         "cpu_seconds": round(time.process_time() - start_cpu, 1),
@@ -457,11 +558,27 @@ BASELINES = (UNPRUNED, "random", DEFAULT_SCORER)
 
 
 def _budget(row: dict):
-    """The column of a row (its keep ratio): rows are compared with a baseline of the same protocol and column."""
+    """The budget of a row: its keep ratio (the tables' column), ``("coverage", c)`` for a coverage row,
+    ``("keep_tokens", k)`` for the fixed count matched to one. A row is compared with a baseline scorer of the same
+    protocol and budget (so never a coverage row with a fixed ratio), with unpruned, and a coverage row with its
+    :data:`MATCHED` row (the same scorer, the coverage row's mean count as a fixed count per image)."""
+    if row.get("coverage") is not None:
+        return ("coverage", row["coverage"])
+    if row.get("keep_tokens") is not None:
+        return ("keep_tokens", row["keep_tokens"])
     return row["keep_ratio"]
 
 
+def _coverage_label(row: dict) -> str:
+    return budget_label({"coverage": row["coverage"]})
+
+
 def _baseline_row(results: list[dict], row: dict, baseline: str) -> dict | None:
+    if baseline == MATCHED:
+        if row.get("coverage") is None:
+            return None
+        return next((r for r in results if r["protocol"] == row["protocol"] and r["scorer"] == row["scorer"]
+                     and r.get("matched_to") == _coverage_label(row)), None)
     for r in results:
         if (r["protocol"] == row["protocol"] and r["scorer"] == baseline and not r.get("same_as")
                 and (baseline == UNPRUNED or _budget(r) == _budget(row))):
@@ -478,12 +595,14 @@ def paired_comparisons(
     ``difference``, ``ci``, ``n``, ``separated`` (the interval excludes 0: a difference is called) and
     ``intervals_separate`` (the two rows' own intervals are disjoint, a stricter test). Against ``unpruned``
     only the accuracy is compared. Rows without per-sample outcomes (e.g. read back from a JSON) are skipped.
+    A coverage row is also compared with its :data:`MATCHED` row (``baseline: "fixed-count"``,
+    ``baseline_keep_tokens``); its entries carry ``keep_ratio: "auto"`` and ``coverage``.
     """
     out = []
     for row in results:
-        if PER_SAMPLE not in row or row.get("same_as") or row["scorer"] == UNPRUNED:
+        if PER_SAMPLE not in row or row.get("same_as") or row["scorer"] == UNPRUNED or row.get("matched_to"):
             continue
-        for baseline in baselines:
+        for baseline in (*baselines, MATCHED) if row.get("coverage") is not None else baselines:
             base = _baseline_row(results, row, baseline) if baseline != row["scorer"] else None
             if base is None or PER_SAMPLE not in base:
                 continue
@@ -493,8 +612,13 @@ def paired_comparisons(
                 if a.shape != b.shape or not np.array_equal(valid, ~np.isnan(b)):
                     raise RuntimeError(f"{row['scorer']} and {baseline} ({row['protocol']}) were not measured on the "
                                        "same samples: no paired comparison")
+                extra = {}
+                if row.get("coverage") is not None:
+                    extra["coverage"] = row["coverage"]
+                if baseline == MATCHED:
+                    extra["baseline_keep_tokens"] = base["keep_tokens"]
                 out.append({
-                    "protocol": row["protocol"], "keep_ratio": row["keep_ratio"], "scorer": row["scorer"],
+                    "protocol": row["protocol"], "keep_ratio": row["keep_ratio"], **extra, "scorer": row["scorer"],
                     "baseline": baseline, "metric": metric, **paired_difference(a[valid], b[valid]),
                     "intervals_separate": intervals_separate(row[f"{metric}_ci"], base[f"{metric}_ci"]),
                 })
@@ -503,7 +627,8 @@ def paired_comparisons(
 
 def _lookup(results, protocol, scorer, ratio):
     for r in results:
-        if r["protocol"] == protocol and r["scorer"] == scorer and r["keep_ratio"] == ratio:
+        if r["protocol"] == protocol and r["scorer"] == scorer and r["keep_ratio"] == ratio \
+                and not r.get("matched_to"):
             return r
     return None
 
@@ -613,9 +738,71 @@ def markdown_report(report: dict) -> str:
                 against = "the unpruned model" if baseline == UNPRUNED else f"`{baseline}` at the same keep ratio"
                 lines += [f"Paired difference in {what} from {against}:", ""]
                 lines += _table(pruned, others, difference) + [""]
+        lines += coverage_table(report, protocol)
     for protocol, message in report.get("skipped", {}).items():
         lines += [f"## {protocol}", "", f"Skipped: {message}.", ""]
     return "\n".join(lines)
+
+
+def _coverage_rows(results, protocol):
+    return sorted((r for r in results if r["protocol"] == protocol and r.get("coverage") is not None),
+                  key=lambda r: r["coverage"])
+
+
+def coverage_table(report: dict, protocol: str) -> list[str]:
+    """Markdown lines of the coverage rows of ``protocol`` (none: ``[]``): visual tokens kept per sample (mean
+    [interval], range; from ``cache.stats``), accuracy and queried-cell share, the fixed count of the same mean
+    and the paired differences from it and from unpruned (bold: the interval excludes 0)."""
+    rows = _coverage_rows(report["results"], protocol)
+    if not rows:
+        return []
+    settings = report["settings"]
+    scorer = rows[0]["scorer"]
+    layer = rows[0].get("pruning_layer", _pruning_layer(scorer))
+    header = ["coverage", "visual tokens kept (of n, range)", "accuracy", "queried cells kept",
+              "fixed count k: accuracy", "fixed count k: queried cells kept", "accuracy - fixed count",
+              "queried cells - fixed count (points)", "accuracy - unpruned"]
+    lines = [
+        f"Coverage budgets: `{scorer}` at its default scoring layer ({layer}) with `keep_ratio=\"auto\", "
+        "coverage=c` (each image keeps the fewest top-scored tokens holding c of its score mass); visual tokens kept "
+        "per sample from `cache.stats` (mean [bootstrap interval], min-max). *Fixed count k*: the same scorer "
+        "keeping k tokens of every image, k = the coverage row's mean rounded (same mean budget, one count for all).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---|" * (len(header) - 1),
+    ]
+
+    def diff(row, baseline, metric, percent):
+        c = next((c for c in report.get("comparisons", []) if c["protocol"] == protocol
+                  and c.get("coverage") == row["coverage"] and c["baseline"] == baseline and c["metric"] == metric),
+                 None)
+        if c is None:
+            return "-"
+        text = _fmt_ci(c["difference"], c["ci"], percent, sign=True)
+        return f"**{text}**" if c["separated"] else text
+
+    for row in rows:
+        matched = next((r for r in report["results"] if r["protocol"] == protocol and r["scorer"] == row["scorer"]
+                        and r.get("matched_to") == _coverage_label(row)), None)
+        low, high = row.get("kept_tokens_range") or ("-", "-")
+        k_ci = row.get("kept_tokens_ci") or (math.nan, math.nan)
+        kept = (f"{row['kept_tokens']:.1f} [{k_ci[0]:.1f}, {k_ci[1]:.1f}] of {row.get('visual_tokens', '-')} "
+                f"({low}-{high})")
+        cells = [f"{row['coverage']:g}", kept, _fmt_ci(row["accuracy"], row.get("accuracy_ci")),
+                 _fmt_ci(row["queried_recall"], row.get("queried_recall_ci"), True)]
+        if matched is None:
+            cells += ["-", "-"]
+        else:
+            cells += [f"k={matched['keep_tokens']}: " + _fmt_ci(matched["accuracy"], matched.get("accuracy_ci")),
+                      _fmt_ci(matched["queried_recall"], matched.get("queried_recall_ci"), True)]
+        cells += [diff(row, MATCHED, "accuracy", False), diff(row, MATCHED, "queried_recall", True),
+                  diff(row, UNPRUNED, "accuracy", False)]
+        lines.append("| " + " | ".join(cells) + " |")
+    run = settings.get("coverage_run")
+    if run:
+        lines += ["", f"(These rows were added to the report by `{run['command']}`, transformers "
+                      f"{run['versions']['transformers']}.)"]
+    return lines + [""]
 
 
 def plot_report(report: dict, path: str | Path) -> None:
@@ -634,6 +821,10 @@ def plot_report(report: dict, path: str | Path) -> None:
     for scorer in settings["scorers"]:
         base = parse_scorer(scorer)[0]
         if base not in colours:  # a scorer at another layer (NAME@LAYER) shares its scorer's colour
+            colours[base] = palette[(2 * len(colours)) % 20 + (len(colours) >= 10)]
+    for r in results:
+        base = parse_scorer(r["scorer"])[0] if r["scorer"] != UNPRUNED else None
+        if r.get("coverage") is not None and base not in colours:
             colours[base] = palette[(2 * len(colours)) % 20 + (len(colours) >= 10)]
     scorers = settings["scorers"]
     # each scorer's points are shifted a little along the (log) x axis so that the error bars do not overlap
@@ -661,6 +852,22 @@ def plot_report(report: dict, path: str | Path) -> None:
                         highs.append((r[metric] if _nan(hi) else hi) - r[metric])
                 axes[row, col].errorbar(xs, ys, yerr=[lows, highs], label=scorer, capsize=2, elinewidth=0.9,
                                         **style)
+        for row, metric in enumerate(METRICS):  # coverage rows at their mean kept share (horizontal bar: interval)
+            points = [r for r in _coverage_rows(results, protocol) if not _nan(r[metric])]
+            if not points:
+                continue
+            xs = [r["kept_share"] for r in points]
+            ys = [r[metric] for r in points]
+            ci = [r.get(f"{metric}_ci") or (r[metric], r[metric]) for r in points]
+            kci = [[k / r["visual_tokens"] for k in r["kept_tokens_ci"]] for r in points]
+            axes[row, col].errorbar(
+                xs, ys, yerr=[[y - c[0] for y, c in zip(ys, ci)], [c[1] - y for y, c in zip(ys, ci)]],
+                xerr=[[x - k[0] for x, k in zip(xs, kci)], [k[1] - x for x, k in zip(xs, kci)]],
+                color=colours.get(parse_scorer(points[0]["scorer"])[0], "black"), marker="*", markersize=10,
+                linestyle="none", capsize=2, elinewidth=0.9, label=f"{points[0]['scorer']} coverage (x: kept share)")
+            for x, y, r in zip(xs, ys, points):
+                axes[row, col].annotate(f"c={r['coverage']:g}", (x, y), textcoords="offset points", xytext=(4, -10),
+                                        fontsize=7)
         axes[0, col].axhline(0.5, color="gray", linewidth=0.8, linestyle="-.")  # chance
         axes[0, col].set_ylim(0.4, 1.02)
         axes[1, col].set_ylim(-0.02, 1.02)
@@ -669,7 +876,7 @@ def plot_report(report: dict, path: str | Path) -> None:
             ax.set_xscale("log")
             ax.set_xticks(ratios)
             ax.set_xticklabels([f"{r:g}" for r in ratios])
-            ax.set_xlabel("keep ratio")
+            ax.set_xlabel("keep ratio (coverage: mean kept share)")
             ax.grid(alpha=0.3)
             if col == 0:
                 ax.set_ylabel(metric)
@@ -681,6 +888,50 @@ def plot_report(report: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def merge_coverage(existing: dict, new: dict) -> dict:
+    """``existing`` (a report read from its JSON) with its coverage rows (coverage and matched rows, their
+    comparisons) replaced by those of ``new`` (a :func:`run_quality` report with ``only="coverage"`` on the same
+    samples). ``ValueError`` if the two were not run on the same samples: the settings differ, or ``new``'s
+    unpruned rows do not reproduce ``existing``'s (same accuracy and queried-cell share, sample for sample in
+    aggregate)."""
+    a, b = existing["settings"], new["settings"]
+    for key in ("samples", "seed"):
+        if a[key] != b[key]:
+            raise ValueError(f"{key}: the report in --out-dir has {key}={a[key]}, this run {b[key]}; rerun with "
+                             f"--{key} {a[key]} to add coverage rows to it")
+    missing = [p for p in b["protocols"] if p not in a["protocols"]]
+    if missing:
+        raise ValueError(f"protocols: {missing} are not in the existing report ({list(a['protocols'])})")
+    for row in new["results"]:
+        if row["scorer"] != UNPRUNED:
+            continue
+        old = _lookup(existing["results"], row["protocol"], UNPRUNED, 1.0)
+        same = old is not None and all(
+            (_nan(old[k]) and _nan(row[k])) or (not _nan(old[k]) and math.isclose(old[k], row[k], abs_tol=1e-12))
+            for k in ("accuracy", "queried_recall"))
+        if not same:
+            raise ValueError(
+                f"the unpruned {row['protocol']} row of this run (accuracy {row['accuracy']}) does not reproduce the "
+                f"report's ({None if old is None else old['accuracy']}): not the same samples or model; regenerate "
+                "the whole report instead")
+
+    def coverage_row(r):
+        return r.get("coverage") is not None or r.get("matched_to") is not None
+
+    rerun = set(b["protocols"])
+    results = [r for r in existing["results"] if not (coverage_row(r) and r["protocol"] in rerun)]
+    results += [r for r in new["results"] if coverage_row(r)]
+    comparisons = [c for c in existing.get("comparisons", [])
+                   if c.get("coverage") is None or c["protocol"] not in rerun]
+    comparisons += [c for c in new.get("comparisons", []) if c.get("coverage") is not None]
+    settings = dict(a)
+    settings["coverages"] = b["coverages"]
+    settings["coverage_scorer"] = b["coverage_scorer"]
+    settings["coverage_run"] = {k: b[k] for k in ("seconds", "cpu_seconds", "versions")}
+    settings["coverage_run"]["command"] = b.get("command", "python -m sparse_cache.toy.quality --only coverage")
+    return {**existing, "settings": settings, "results": results, "comparisons": comparisons}
 
 
 def existing_report_files(out_dir: str | Path, plot: bool = True) -> list[Path]:
@@ -745,6 +996,13 @@ def main(argv=None) -> int:
                              f"registered scorer and the oracle: {','.join(default_scorers())})")
     parser.add_argument("--keep-ratios", type=lambda v: _csv(v, float), default=list(KEEP_RATIOS))
     parser.add_argument("--protocols", type=lambda v: _csv(v), default=None, help=f"subset of {','.join(PROTOCOLS)}")
+    parser.add_argument("--coverages", type=lambda v: _csv(v, float), default=list(COVERAGES),
+                        help=f"coverage targets of {DEFAULT_SCORER} with keep_ratio='auto' (default "
+                             f"{','.join(f'{c:g}' for c in COVERAGES)}; an empty string for none)")
+    parser.add_argument("--only", choices=ONLY, default=None,
+                        help="coverage: run only the coverage rows (and the unpruned rows they are compared with) and "
+                             "put them into the report already in --out-dir (its other rows untouched; same "
+                             "--samples and --seed)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped toy VLM)")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
@@ -766,14 +1024,31 @@ def main(argv=None) -> int:
         except ImportError:
             parser.error("the plot needs matplotlib (pip install 'sparse-cache[bench]'), or pass --no-plot")
     existing = existing_report_files(args.out_dir, plot=not args.no_plot)
-    if existing and not args.force:  # before the run, not after minutes of work
+    previous = None
+    if args.only is not None:  # updates the report in --out-dir: it must be there (read before the run)
+        json_path = Path(args.out_dir) / REPORT_FILES["json"]
+        if not json_path.exists():
+            parser.error(f"--only {args.only}: no {json_path} to add rows to; run without --only first")
+        previous = json.loads(json_path.read_text())
+        for key in ("samples", "seed"):  # the same samples as the report's, checked before the run
+            if previous["settings"][key] != getattr(args, key):
+                parser.error(f"--{key}: the report in {args.out_dir} has {key}={previous['settings'][key]}, not "
+                             f"{getattr(args, key)}; --only adds rows run on the report's own samples")
+        if not args.coverages:
+            parser.error("--only coverage: --coverages is empty")
+    elif existing and not args.force:  # before the run, not after minutes of work
         parser.error(f"--out-dir {args.out_dir} already holds {', '.join(p.name for p in existing)}; pass --force to "
                      "overwrite, or another --out-dir")
     torch.set_num_threads(args.threads)
     model, processor = load_toy_vlm(path=args.checkpoint)
     try:
         report = run_quality(model, processor, args.scorers, args.keep_ratios, args.protocols, args.samples,
-                             args.seed, args.batch_size, progress=not args.no_progress)
+                             args.seed, args.batch_size, progress=not args.no_progress, coverages=args.coverages,
+                             only=args.only)
+        if previous is not None:
+            report["settings"]["command"] = "python -m sparse_cache.toy.quality " + " ".join(
+                argv if argv is not None else sys.argv[1:])
+            report = merge_coverage(previous, report)
     except ValueError as error:
         parser.error(str(error))
     except RuntimeError as error:  # e.g. nothing was pruned: no table of unpruned numbers labelled as pruned
