@@ -16,6 +16,23 @@
 #   OUT (results folder; the device tool sets it; default bench_results/gpu) EXTRA_ARGS (more CLI flags)
 #   TIME_LIMIT (570: seconds before the benchmark is stopped and what is finished is archived)
 # If the whole run does not fit one call's 10 minutes, split it: CASES=16320:1 then CASES=576:1,576:16.
+#
+# PARTS (default main,decode,batch,prellm) selects what runs, in this order, each under its own time limit; every
+# part appends its tables to summary.md and its files to results.tar.gz:
+#   main    the cases above (sparse-cache-bench --cases), keep ratios against the baseline;
+#   decode  the decode step at DECODE_TOKENS (16320,576) visual tokens: plain DynamicCache against the pruned cache
+#           (per-step time, aten ops, host syncs; the same cache with transformers' torch.cat update), and the
+#           fixed-shape decode of sparse_cache.static_cache eager and torch.compile'd, pruned and unpruned (keep 1)
+#           (python -m sparse_cache.bench_decode; DECODE_KEEP_RATIOS 1.0,0.25: one compile each; DECODE_STEPS 64,
+#           COMPILE_BACKEND inductor);
+#   batch   throughput at BATCHES (1,4,16) with BATCH_TOKENS (4096) visual tokens per row and BATCH_NEW_TOKENS (64)
+#           new tokens, every keep ratio, and the capacity under MEMORY_BUDGET (80GiB: weights + peak), verified by
+#           one run at the predicted batch (sparse-cache-bench --batches ... --memory-budget ...);
+#   prellm  --mode pre-llm (visual tokens dropped before the language model) at BATCH_TOKENS with PRELLM_SCORER
+#           (cdpruner); skipped with a message when this checkout's PrunableDynamicCache has no pre-llm mode.
+# One GPU call of 10 minutes does not hold every part for the 7B preset: run PARTS=main, then PARTS=decode,batch,prellm
+# (each call rewrites OUT's summary.md and results.tar.gz: give each its own OUT; PART_TIME_LIMIT, 570 s by default,
+# bounds each part; TIME_LIMIT still bounds main).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +49,21 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-bench_results/gpu}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 TIME_LIMIT=${TIME_LIMIT:-570}
+PARTS=${PARTS:-main,decode,batch,prellm}
+PART_TIME_LIMIT=${PART_TIME_LIMIT:-570}
+DECODE_TOKENS=${DECODE_TOKENS:-16320,576}
+DECODE_STEPS=${DECODE_STEPS:-64}
+DECODE_KEEP_RATIOS=${DECODE_KEEP_RATIOS:-1.0,0.25}
+COMPILE_BACKEND=${COMPILE_BACKEND:-inductor}
+BATCHES=${BATCHES:-1,4,16}
+BATCH_TOKENS=${BATCH_TOKENS:-4096}
+BATCH_NEW_TOKENS=${BATCH_NEW_TOKENS:-64}
+MEMORY_BUDGET=${MEMORY_BUDGET:-80GiB}
+PRELLM_SCORER=${PRELLM_SCORER:-cdpruner}
+for part in ${PARTS//,/ }; do
+  case "$part" in main|decode|batch|prellm) ;; *) echo "PARTS: unknown part '$part'; valid: main,decode,batch,prellm" >&2; exit 2 ;; esac
+done
+has_part() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -57,12 +89,45 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
 # The benchmark stops (SIGINT) after TIME_LIMIT seconds so that the cases already finished are still
 # archived before the device tool's 600 s limit; each case writes its files as soon as it ends.
 status=0
-# shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
-timeout --signal=INT "$TIME_LIMIT" "$PYTHON" -m sparse_cache.bench \
-  --model "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --attn "$ATTN" \
-  --cases "$CASES" --new-tokens "$NEW_TOKENS" --repeats "$REPEATS" --warmup "$WARMUP" \
-  --keep-ratios "$KEEP_RATIOS" --out-dir "$RUNS" --no-progress $EXTRA_ARGS \
-  >"$OUT/summary.md" 2>"$OUT/log.txt" || status=$?
+: >"$OUT/summary.md"
+: >"$OUT/log.txt"
+if has_part main; then
+  # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
+  timeout --signal=INT "$TIME_LIMIT" "$PYTHON" -m sparse_cache.bench \
+    --model "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --attn "$ATTN" \
+    --cases "$CASES" --new-tokens "$NEW_TOKENS" --repeats "$REPEATS" --warmup "$WARMUP" \
+    --keep-ratios "$KEEP_RATIOS" --out-dir "$RUNS" --no-progress $EXTRA_ARGS \
+    >>"$OUT/summary.md" 2>>"$OUT/log.txt" || status=$?
+fi
+if has_part decode; then
+  for tokens in ${DECODE_TOKENS//,/ }; do
+    timeout --signal=INT "$PART_TIME_LIMIT" "$PYTHON" -m sparse_cache.bench_decode \
+      --model "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --attn "$ATTN" --visual-tokens "$tokens" \
+      --keep-ratios "$DECODE_KEEP_RATIOS" --steps "$DECODE_STEPS" --compile-backend "$COMPILE_BACKEND" --out-dir "$RUNS" \
+      >>"$OUT/summary.md" 2>>"$OUT/log.txt" || status=$?
+  done
+fi
+if has_part batch; then
+  # shellcheck disable=SC2086
+  timeout --signal=INT "$PART_TIME_LIMIT" "$PYTHON" -m sparse_cache.bench \
+    --model "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --attn "$ATTN" --visual-tokens "$BATCH_TOKENS" \
+    --batches "$BATCHES" --memory-budget "$MEMORY_BUDGET" --new-tokens "$BATCH_NEW_TOKENS" --repeats "$REPEATS" \
+    --warmup "$WARMUP" --keep-ratios "$KEEP_RATIOS" --out-dir "$RUNS" --no-progress $EXTRA_ARGS \
+    >>"$OUT/summary.md" 2>>"$OUT/log.txt" || status=$?
+fi
+if has_part prellm; then
+  if "$PYTHON" -c "import sys, sparse_cache.cache as c; sys.exit(0 if 'pre-llm' in c.MODES else 1)"; then
+    # shellcheck disable=SC2086
+    timeout --signal=INT "$PART_TIME_LIMIT" "$PYTHON" -m sparse_cache.bench \
+      --model "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --attn "$ATTN" --visual-tokens "$BATCH_TOKENS" \
+      --mode pre-llm --scorer "$PRELLM_SCORER" --new-tokens "$NEW_TOKENS" --repeats "$REPEATS" --warmup "$WARMUP" \
+      --keep-ratios "$KEEP_RATIOS" --out-dir "$RUNS" --no-progress $EXTRA_ARGS \
+      >>"$OUT/summary.md" 2>>"$OUT/log.txt" || status=$?
+  else
+    echo "pre-llm: skipped: this checkout's PrunableDynamicCache has no mode 'pre-llm' (sparse_cache.cache.MODES)" \
+      | tee -a "$OUT/summary.md" >&2
+  fi
+fi
 
 tar -czf "$OUT/results.tar.gz" -C "$RUNS" .
 cat "$OUT/summary.md"

@@ -1493,6 +1493,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    batch = parser.add_argument_group("batch mode (sparse_cache.bench_batch): throughput and capacity")
+    batch.add_argument("--batches", default=None,
+                       help="comma-separated batch sizes, e.g. 1,4,16: tokens per second at each, every keep ratio")
+    batch.add_argument("--memory-budget", default=None,
+                       help="with --batches: the largest batch whose weights + peak memory fit, e.g. 80GiB")
+    batch.add_argument("--no-verify-capacity", action="store_true",
+                       help="do not run each configuration once at its predicted capacity")
+    batch.add_argument("--max-verify-batch", type=int, default=256, help="largest predicted capacity that is verified")
     return parser
 
 
@@ -1501,6 +1509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    if args.batches is not None or args.memory_budget is not None:  # batch mode: throughput and capacity
+        if args.batches is None:
+            parser.error("memory_budget: --memory-budget needs --batches (at least two batch sizes)")
+        from .bench_batch import main_batch
+
+        return main_batch(parser, args, argv)
     try:
         if "cases" in args:
             cases = [(tokens, batch, None) for tokens, batch in parse_cases(args.cases)]

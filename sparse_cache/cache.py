@@ -19,7 +19,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from . import hooks
+from . import hooks, spare
 from ._compat import CACHE_KWARG
 from .budget import check_auto_budget, resolve_auto_budget
 from .lifecycle import PruningLifecycle
@@ -231,6 +231,8 @@ class PrunableDynamicCache(DynamicCache):
         self._mask_buffer: torch.Tensor | None = None
         self._mask_logical = -1
         self._stats = StatsHistory()  # per pruning pass of the conversation (sparse_cache.stats)
+        # per layer index: (keys, values) buffers with free slots after a compacted layer's entries (spare.py)
+        self._spare: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sparse_cache_lifecycle.reset()
 
     def reset(self) -> None:
@@ -266,6 +268,13 @@ class PrunableDynamicCache(DynamicCache):
             self.hooks_did_not_fire(
                 f"the cache was written (layer {layer_idx}) by a forward in which sparse_cache's hooks did not run"
             )
+        buffers = self._spare.get(layer_idx)
+        if buffers is not None:  # a compacted layer: written in place, no copy of the whole layer per step
+            written = spare.write(self.layers[layer_idx], buffers, key_states, value_states)
+            if written is not None:
+                self._spare[layer_idx] = written[2]
+                return written[0], written[1]
+            del self._spare[layer_idx]  # its tensors were replaced (beams, batch selection): transformers' update
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def hooks_did_not_fire(self, what: str) -> None:
@@ -477,6 +486,11 @@ class PrunableDynamicCache(DynamicCache):
         self._prefix_logical = logical
         self._prefix_all_valid = bool(new_mask.all())
         self._dropped = self._prefix_logical - new_mask.shape[1]
+        for idx, layer in enumerate(self.layers):  # spare capacity after every compacted layer (spare.py)
+            if layer.is_initialized and layer.keys is not None and layer.keys.ndim == 4:
+                layer.keys, kbuf = spare.allocate(layer.keys)
+                layer.values, vbuf = spare.allocate(layer.values, kbuf.shape[2] - layer.keys.shape[2])
+                self._spare[idx] = (kbuf, vbuf)
         logger.debug(
             "compacted cache: logical %d -> physical %d entries per row (rows hold %s)",
             self._prefix_logical, new_mask.shape[1], new_mask.sum(1).tolist(),

@@ -317,7 +317,7 @@ def test_gpu_script_runs_on_cpu_with_a_small_preset(tmp_path):
         os.environ,
         PRESET="tiny", DEVICE="cpu", DTYPE="float32", CASES="16:1,16:2", NEW_TOKENS="2", REPEATS="1",
         WARMUP="1", KEEP_RATIOS="1.0,0.5", PYTHON=sys.executable, OUT=str(out), TMPDIR=str(tmp_path),
-        EXTRA_ARGS="--cpu-memory none --threads 1",
+        EXTRA_ARGS="--cpu-memory none --threads 1", PARTS="main",
     )
     done = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_bench.sh")], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
@@ -514,6 +514,29 @@ def test_paper_comparison_lines_at_576_tokens():
     assert "x0.463 (4.62T -> 2.14T)" in text and "x0.631 (57.82 ms -> 36.5 ms)" in text
 
 
+# --------------------------------------------------------------------------- batch mode, decode step, the other parts
+
+
+def test_batch_mode_parsing_and_capacity_arithmetic():
+    from sparse_cache import bench_batch
+
+    assert bench_batch.parse_batches("16,1,4") == (1, 4, 16)
+    for bad in ("0,4", "1,1", "a", ""):
+        with pytest.raises(ValueError, match="batches: .* is not valid"):
+            bench_batch.parse_batches(bad)
+    assert bench_batch.parse_memory("80GiB") == 80 * 2**30
+    assert bench_batch.parse_memory("512 MiB") == 512 * 2**20
+    assert bench_batch.parse_memory("1.5e9") == 1_500_000_000
+    for bad in ("-1GiB", "lots", "3 parsecs", "0"):
+        with pytest.raises(ValueError, match="memory_budget: .* is not valid"):
+            bench_batch.parse_memory(bad)
+    fit = bench_batch.fit_peak([1, 4, 16], [110, 140, 260])  # exactly 100 + 10 * batch
+    assert fit == pytest.approx((100, 10))
+    assert bench_batch.capacity(1000, 400, fit) == 50  # (1000 - 400 - 100) / 10
+    assert bench_batch.capacity(450, 400, fit) == 0
+    assert bench_batch.fit_peak([4], [140]) is None and bench_batch.capacity(1000, 0, None) is None
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -542,3 +565,114 @@ def test_an_unreachable_schedule_budget_is_one_line(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "keep_ratio: an equivalent keep ratio of 0.25 is below" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batches", "1,x"], r"batches: '1,x' is not valid"),
+        (["--memory-budget", "1GiB"], r"memory_budget: --memory-budget needs --batches"),
+        (["--batches", "2", "--memory-budget", "1GiB"], r"memory_budget: the capacity model is fitted over at least two"),
+        (["--batches", "1,2", "--memory-budget", "huge"], r"memory_budget: 'huge' is not valid"),
+        (["--batches", "1,2", "--cases", "16:1"], r"batches: --batches sets the batch sizes"),
+    ],
+)
+def test_batch_mode_bad_arguments_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model", "tiny"] + argv + ["--no-progress"])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_batch_mode_reports_throughput_and_a_verified_capacity(tmp_path):
+    from sparse_cache import bench_batch
+
+    argv = ["--model", "tiny", "--visual-tokens", "16", "--batches", "1,2", "--keep-ratios", "1.0,0.25",
+            "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--memory-budget", "4MiB", "--out-dir",
+            str(tmp_path), "--no-progress", "--log-level", "WARNING", "--threads", "1"]
+    stdout = io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    stem = "tiny-v16-b1_2-n2-cpu-float32-batch"
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        f"{stem}{x}" for x in (".csv", ".json", "_capacity.png", "_throughput.png"))
+    for png in ("_capacity.png", "_throughput.png"):
+        assert (tmp_path / f"{stem}{png}").read_bytes()[:8] == PNG_MAGIC
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert [(r["batch_size"], r["config"]) for r in report["rows"]] == [
+        (b, c) for b in (1, 2) for c in ("baseline", "keep=1", "keep=0.25")]
+    for row in report["rows"]:
+        assert row["tokens_per_s"] == pytest.approx(row["batch_size"] * 2 / row["e2e_s"])
+        assert row["decode_tokens_per_s"] == pytest.approx(row["batch_size"] / row["decode_per_token_s"])
+        assert row["peak_mem_bytes"] > 0
+    pruned = [r for r in report["rows"] if r["config"] == "keep=0.25"]
+    base = [r for r in report["rows"] if r["config"] == "baseline"]
+    assert all(p["kept_visual_per_row"] == 4 and p["kv_bytes_prefill"] < b["kv_bytes_prefill"]
+               for p, b in zip(pruned, base))  # it pruned
+    weights = bench_batch.model_bytes(presets.build_preset_model("tiny"))
+    assert report["settings"]["model_bytes"] == weights
+    for entry in report["capacity"]:
+        assert entry["per_row_bytes"] > 0
+        expected = math.floor((4 * 2**20 - weights - entry["fixed_bytes"]) / entry["per_row_bytes"])
+        assert entry["capacity"] == max(0, expected) >= 1
+        assert entry["verified_batch"] == entry["capacity"] and entry["verified_total_bytes"] > weights
+    assert "Capacity under a budget of" in stdout.getvalue() and "| 2 | keep=0.25 |" in stdout.getvalue()
+    assert report["per_batch"]["2"]["settings"]["batch_size"] == 2
+
+
+def test_decode_step_benchmark_on_the_tiny_preset(tmp_path):
+    from sparse_cache import bench_decode
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert bench_decode.main(["--model", "tiny", "--visual-tokens", "16", "--keep-ratios", "1.0,0.25", "--steps",
+                                  "2", "--compile-backend", "eager", "--out-dir", str(tmp_path), "--log-level",
+                                  "WARNING"]) == 0
+    report = json.loads((tmp_path / "tiny-v16-s2-cpu-float32-decode.json").read_text())
+    base, control, pruned = report["rows"]
+    assert (base["config"], control["config"], pruned["config"]) == ("baseline", "keep=1", "keep=0.25")
+    assert pruned["physical_length"] < pruned["logical_length"] == base["logical_length"]  # it pruned
+    assert control["physical_length"] == control["logical_length"]
+    for row in report["rows"]:
+        assert row["host_syncs_per_step"] == 0
+        assert len(row["dynamic_steps"]) == 2
+    # keep=1 runs the model's ops only (no mask to translate); the pruned step writes its cache in place: per layer
+    # two slices and two copies instead of transformers' two torch.cat
+    layers = presets.build_preset_model("tiny").config.get_text_config(decoder=True).num_hidden_layers
+    assert control["ops_per_step"] == base["ops_per_step"]
+    assert pruned["ops_per_step"] == base["ops_per_step"] + 4 * layers and pruned["ops_per_step_cat"] == base["ops_per_step"]
+    for row in (control, pruned):
+        assert row["compiled_graphs"] == 1  # one graph for every step: no recompile
+        assert row["static_eager_step_s"] > 0 and row["static_compiled_step_s"] > 0
+    assert "| keep=0.25 |" in stdout.getvalue()
+
+
+def test_gpu_script_other_parts_run_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        PRESET="tiny", DEVICE="cpu", DTYPE="float32", PARTS="decode,batch,prellm", DECODE_TOKENS="16",
+        DECODE_STEPS="2", COMPILE_BACKEND="eager", BATCHES="1,2", BATCH_TOKENS="16", BATCH_NEW_TOKENS="2",
+        MEMORY_BUDGET="4MiB", NEW_TOKENS="2", REPEATS="1", WARMUP="0", KEEP_RATIOS="1.0,0.5",
+        PRELLM_SCORER="random", PYTHON=sys.executable, OUT=str(out), TMPDIR=str(tmp_path),
+        EXTRA_ARGS="--threads 1",
+    )
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_bench.sh")], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with tarfile.open(out / "results.tar.gz") as archive:
+        names = {os.path.basename(n) for n in archive.getnames() if n not in (".", "./")}
+    assert "tiny-v16-s2-cpu-float32-decode.json" in names
+    assert {"tiny-v16-b1_2-n2-cpu-float32-batch.json", "tiny-v16-b1_2-n2-cpu-float32-batch_throughput.png"} <= names
+    summary = (out / "summary.md").read_text()
+    assert "### tiny-v16-s2-cpu-float32-decode" in summary and "Capacity under a budget of" in summary
+    from sparse_cache import cache as cache_module
+
+    if "pre-llm" in cache_module.MODES:
+        assert "tiny-v16-b1-n2-cpu-float32-pre-llm.json" in names
+    else:
+        assert "pre-llm: skipped" in summary

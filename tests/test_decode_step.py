@@ -115,3 +115,43 @@ def test_stats_and_self_picking_budgets_add_nothing_to_a_decode_step(sdpa_model,
         assert not any("_local_scalar_dense" in name for name, _ in step), step
     assert [without_views(step) for step in ops_short] == [without_views(step) for step in ops_long]
     assert ops_short
+def update_ops(model, inputs, monkeypatch, steps=4):
+    """The ops of ``PrunableDynamicCache.update`` in each decode step (every layer), and the layers' key addresses."""
+    from sparse_cache.cache import PrunableDynamicCache as Cache
+
+    per_step: list[list] = []
+    addresses: list[list[int]] = []
+    original = Cache.update
+
+    def recorded(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:
+            per_step.append([])
+        with Recorder(per_step[-1]):
+            out = original(self, key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == 0:
+            addresses.append([0 if layer.keys is None else layer.keys.data_ptr() for layer in self.layers])
+        return out
+
+    monkeypatch.setattr(Cache, "update", recorded)
+    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                   do_sample=False)
+    monkeypatch.undo()
+    assert cache.get_physical_length() < cache.get_seq_length()  # it pruned
+    return per_step[1:], addresses[1:], cache
+
+
+def test_a_pruned_decode_step_writes_the_cache_in_place(sdpa_model, processor, monkeypatch):
+    """After compaction a decode step copies one entry per layer into spare capacity (no ``torch.cat`` of the
+    whole layer, as transformers' DynamicLayer does): same ops and sizes whatever the prompt length, same storage."""
+    short = testing.make_inputs(processor, ["describe."], [[testing.synthetic_image(112, 112, seed=1)]])
+    long = testing.make_inputs(processor, ["describe."], [[testing.synthetic_image(224, 224, seed=1)]])
+    ops_short, addresses_short, _ = update_ops(sdpa_model, short, monkeypatch)
+    ops_long, addresses_long, cache = update_ops(sdpa_model, long, monkeypatch)
+    assert ops_short and all(step for step in ops_short)
+    assert [without_views(step) for step in ops_short] == [without_views(step) for step in ops_long]
+    assert not any(name.startswith("aten.cat") for step in ops_long for name, _ in step)
+    for step in ops_short + ops_long:
+        assert not any("_local_scalar_dense" in name for name, _ in step), step
+    assert all(a == addresses_long[0] for a in addresses_long)  # every layer kept its buffer
+    assert all(layer.keys.shape[2] == cache.get_physical_length() for layer in cache.layers)
