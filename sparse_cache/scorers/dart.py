@@ -71,7 +71,8 @@ class DartScorer(Scorer):
         self.num_text_pivots = num_text_pivots
 
     def __repr__(self) -> str:
-        return f"DartScorer(num_visual_pivots={self.num_visual_pivots}, num_text_pivots={self.num_text_pivots})"
+        return (f"{type(self).__name__}(num_visual_pivots={self.num_visual_pivots}, "
+                f"num_text_pivots={self.num_text_pivots})")
 
     def score(self, context: ScoringContext) -> list[torch.Tensor]:
         if context.keys is None:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Scorer, ScoringContext
-from .dart import _top, duplication_order
+from .base import ScoringContext
+from .dart import DartScorer, _top, duplication_order
 from .divprune import order_to_scores, visual_block_ranges
 
 
-class DartEmbedScorer(Scorer):
-    """Duplication-aware order per image from the input embeddings: L1-norm pivots, least-similar tokens next.
+class DartEmbedScorer(DartScorer):
+    """Duplication-aware order per image from the input embeddings: L1-norm pivots, least-similar tokens next
+    (the arguments and their checks are those of :class:`~sparse_cache.scorers.dart.DartScorer`).
 
     Args:
         num_visual_pivots: visual pivots per image or video (default 4).
@@ -37,18 +38,6 @@ class DartEmbedScorer(Scorer):
 
     name = "dart_embed"
     default_layer = None
-
-    def __init__(self, num_visual_pivots: int = 4, num_text_pivots: int = 4):
-        for arg, value in (("num_visual_pivots", num_visual_pivots), ("num_text_pivots", num_text_pivots)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{arg}: expected an int >= 0, got {value!r}")
-        if num_visual_pivots + num_text_pivots == 0:
-            raise ValueError("num_visual_pivots/num_text_pivots: at least one pivot is needed, got 0 and 0")
-        self.num_visual_pivots = num_visual_pivots
-        self.num_text_pivots = num_text_pivots
-
-    def __repr__(self) -> str:
-        return f"DartEmbedScorer(num_visual_pivots={self.num_visual_pivots}, num_text_pivots={self.num_text_pivots})"
 
     def score(self, context: ScoringContext) -> list[torch.Tensor]:
         scores = []
