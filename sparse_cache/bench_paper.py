@@ -153,8 +153,8 @@ def comparison_lines(result) -> list[str]:
         "unpruned; here: the FLOPs model and the measured prefill of this run, same ratio):",
         "",
         "| config | kept visual/row | stages (layer: visual tokens after it) | FLOPs model (TFLOPs) | measured prefill "
-        "| measured/model | paper FLOPs | paper latency |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| measured/model | paper FLOPs | paper latency | FLOPs + weights model | measured/that |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     visual = result.settings.get("visual_tokens_per_row") or 0
     base_tflops = base.get("prefill_tflops_model") or 0.0
@@ -168,22 +168,46 @@ def comparison_lines(result) -> list[str]:
         tflops = row.get("prefill_tflops_model")
         measured = row.get("prefill_vs_base")
         over = row.get("prefill_measured_over_flops_model")
+        roofline = flops_and_weights_ratio(result, row)
         lines.append(
             f"| {row['config']} | {row['kept_visual_per_row']} | {stage_text} "
             f"| {'n/a' if flops is None else f'x{flops:.3f}'}"
             f"{'' if tflops is None else f' ({tflops:.3g} of {base_tflops:.3g})'} "
             f"| {'n/a' if measured is None else f'x{measured:.3f}'} | {'n/a' if over is None else f'{over:.3f}'} "
             f"| {'-' if paper is None else _paper_ratio(paper['flops_t'], 'T')} "
-            f"| {'-' if paper is None else _paper_ratio(paper['latency_ms'], ' ms')} |"
+            f"| {'-' if paper is None else _paper_ratio(paper['latency_ms'], ' ms')} "
+            f"| {'n/a' if roofline is None else f'x{roofline:.3f}'} "
+            f"| {'n/a' if roofline is None or measured is None else f'{measured / roofline:.3f}'} |"
         )
     lines += [
         "",
         "FLOPs here count a multiply-add as 2 and cover the decoder layers only (no vision tower, no lm_head); the "
         "paper's absolute numbers follow its own convention, so compare the ratios. The paper's latency is CUDA "
-        "on its GPU; the measured ratio is this run's.",
+        "on its GPU; the measured ratio is this run's. The FLOPs + weights model adds what the FLOPs model leaves "
+        "out at small budgets: each forward reads every decoder weight once whatever the token count (that time, "
+        "weights / bandwidth, is taken from the baseline's decode step in this run, the rest of the baseline's "
+        "prefill is compute, scaled by the FLOPs ratio).",
         "",
     ]
     return lines
+
+
+def flops_and_weights_ratio(result, row) -> float | None:
+    """Prefill ratio predicted by compute (the FLOPs ratio) plus one pass over the weights per forward.
+
+    Both rates come from the baseline of the same run: the baseline's decode step reads the weights and its KV
+    cache once (the bytes model), which gives the weights' share of a step, ``weights_s = decode_s * W / (W + KV)``;
+    the rest of the baseline's prefill, ``prefill_s - weights_s``, is compute and scales with the FLOPs ratio:
+    ``(flops_ratio * (prefill_s - weights_s) + weights_s) / prefill_s``. ``None`` when a figure is missing.
+    """
+    base = result.rows[0]
+    weights = result.settings.get("decode_weight_bytes")
+    decode_s, kv_bytes = base.get("decode_per_token_s"), base.get("kv_bytes_decode_avg")
+    prefill_s, flops = base.get("prefill_s"), row.get("flops_model_prefill_vs_base")
+    if None in (weights, decode_s, kv_bytes, prefill_s, flops) or not prefill_s or not weights:
+        return None
+    weights_s = min(decode_s * weights / (weights + kv_bytes), prefill_s)
+    return (flops * (prefill_s - weights_s) + weights_s) / prefill_s
 
 
 def _paper_ratio(pair: tuple[float, float], unit: str) -> str:

@@ -676,3 +676,18 @@ def test_gpu_script_other_parts_run_on_cpu(tmp_path):
         assert "tiny-v16-b1-n2-cpu-float32-pre-llm.json" in names
     else:
         assert "pre-llm: skipped" in summary
+
+
+def test_flops_and_weights_model_adds_one_pass_over_the_weights():
+    """The weights' time is the baseline decode step's weight share; the rest of the baseline prefill scales with
+    the FLOPs ratio (10 s prefill, a 0.2 s step reading 300 B of weights and 100 B of KV: 0.15 s of weights)."""
+    from types import SimpleNamespace
+
+    rows = [dict(config="baseline", prefill_s=10.0, decode_per_token_s=0.2, kv_bytes_decode_avg=100.0),
+            dict(config="keep=64 tokens", flops_model_prefill_vs_base=0.5)]
+    result = SimpleNamespace(rows=rows, settings={"decode_weight_bytes": 300})
+    ratio = bench.bench_paper.flops_and_weights_ratio(result, rows[1])
+    assert ratio == pytest.approx((0.5 * (10.0 - 0.15) + 0.15) / 10.0)
+    assert 0.5 < ratio < 1.0  # never below the FLOPs ratio, never above the baseline
+    assert bench.bench_paper.flops_and_weights_ratio(result, rows[0]) is None  # the baseline has no FLOPs ratio
+    assert bench.bench_paper.flops_and_weights_ratio(SimpleNamespace(rows=rows, settings={}), rows[1]) is None
