@@ -27,6 +27,7 @@ import transformers
 
 from ._compat import get_arg, set_arg
 from .inprefill import left_packed
+from .stats import timed
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class PreLLMMixin:
         )
         return args, kwargs
 
+    @timed("compaction")  # recording the kept prefix, as _finish_in_prefill is timed (cache.stats)
     def _finish_pre_llm(self, p) -> None:
         """End of a pre-LLM forward: the new entries become the compacted prefix, at their logical positions."""
         state = p.pre_llm

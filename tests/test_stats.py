@@ -360,3 +360,19 @@ def test_stats_and_a_per_call_budget_in_every_family(family):
     prompt_len = inputs["input_ids"].shape[1]
     expected = masked_decode_logits(model, inputs, cache.kept_visual_positions, out.sequences[:, prompt_len:], ids)
     assert_logits_close(out.logits, expected, atol=1e-4)
+
+
+def test_stats_of_a_pre_llm_call(model, multi_inputs):
+    """pre-llm: kept counts per image, every layer holding only the kept entries, and the recording of the kept
+    prefix timed as compaction (it was reported as 0 before)."""
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scorer="divprune", mode="pre-llm")
+    model.generate(**multi_inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, multi_inputs, visual_ids(model), kept_counts=[16, 4])
+    stats = cache.stats
+    runs = image_runs(multi_inputs, model)
+    assert [[b.visual_tokens_kept for b in row.blocks] for row in stats.rows] == [
+        [budget(n, 0.25, None) for _, n in row] for row in runs]
+    assert stats.mode == "pre-llm" and stats.scorer == "divprune" and stats.scoring_layer is None
+    widest = max(r.kv_entries_after for r in stats.rows)
+    assert stats.kv_bytes_after == len(stats.rows) * widest * token_bytes(cache) < stats.kv_bytes_before
+    assert stats.scoring_s > 0 and stats.selection_s > 0 and stats.compaction_s > 0
