@@ -231,8 +231,12 @@ class PrunableDynamicCache(DynamicCache):
         self._mask_buffer: torch.Tensor | None = None
         self._mask_logical = -1
         self._stats = StatsHistory()  # per pruning pass of the conversation (sparse_cache.stats)
-        # per layer index: (keys, values) buffers with free slots after a compacted layer's entries (spare.py)
+        # per layer index: (keys, values) buffers with free slots after a layer's entries (spare.py): made at
+        # compaction, or at a layer's first continued write (a decode step) when it was not compacted
         self._spare: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # layers whose tensors were replaced behind the buffers' back (beam reordering, batch selection,
+        # offloading): transformers' own update from then on, no buffer is made for them again
+        self._spare_declined: set[int] = set()
         self.sparse_cache_lifecycle.reset()
 
     def reset(self) -> None:
@@ -269,13 +273,32 @@ class PrunableDynamicCache(DynamicCache):
                 f"the cache was written (layer {layer_idx}) by a forward in which sparse_cache's hooks did not run"
             )
         buffers = self._spare.get(layer_idx)
-        if buffers is not None:  # a compacted layer: written in place, no copy of the whole layer per step
+        if (buffers is None and layer_idx not in self._spare_declined and layer_idx < len(self.layers)
+                and getattr(self.layers[layer_idx], "keys", None) is not None and self.layers[layer_idx].keys.numel()):
+            # a layer continued for the first time (uncompacted: keep_ratio=1.0, a text-only prompt, an auto
+            # budget that kept everything): moved into a buffer with free slots, one copy of the layer as
+            # transformers' torch.cat would make, then written in place
+            buffers = spare.grow(self.layers[layer_idx], key_states)
+            if buffers is None:
+                self._spare_declined.add(layer_idx)  # not a plain, filled DynamicLayer: transformers' update
+        if buffers is not None:  # written in place, no copy of the whole layer per step
             written = spare.write(self.layers[layer_idx], buffers, key_states, value_states)
             if written is not None:
                 self._spare[layer_idx] = written[2]
                 return written[0], written[1]
-            del self._spare[layer_idx]  # its tensors were replaced (beams, batch selection): transformers' update
+            self._spare.pop(layer_idx, None)  # its tensors were replaced (beams, batch selection): transformers'
+            self._spare_declined.add(layer_idx)  # update from now on
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def use_transformers_update(self) -> None:
+        """Hand every layer back to transformers' own ``DynamicLayer.update`` (``torch.cat`` per step) for the rest
+        of the conversation: the layers become contiguous tensors without free slots. For comparisons (the
+        decode benchmark's ``torch.cat update`` column); results are the same either way."""
+        self._spare.clear()
+        self._spare_declined = set(range(len(self.layers)))
+        for layer in self.layers:
+            if getattr(layer, "keys", None) is not None:
+                layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
 
     def hooks_did_not_fire(self, what: str) -> None:
         """The self-check: a pruning cache that cannot prune raises instead of returning unpruned results."""

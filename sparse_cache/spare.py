@@ -9,14 +9,18 @@ most 1/GROWTH of the layer plus ``MIN_SPARE`` entries unused).
 
 Anything else that replaces a layer's tensors (beam reordering, batch selection, an offloaded copy, a later
 compaction) makes them stop being a view of the buffer: :func:`write` then declines and the layer goes back to
-transformers' own update (its buffer is dropped). ``crop`` slices the view, which stays valid: the next write
-overwrites the cropped slots, as ``StaticLayer`` does. Caches that are never compacted (``keep_ratio=1.0``,
-text-only prompts, plain transformers) never get a buffer, so they stay bit-identical to ``DynamicCache``.
+transformers' own update for the rest of the conversation (its buffer is dropped and none is made again).
+``crop`` slices the view, which stays valid: the next write overwrites the cropped slots, as ``StaticLayer``
+does. A layer that was never compacted (``keep_ratio=1.0``, a text-only prompt, an auto budget that kept
+everything) is moved into a buffer at its first continued write (:func:`grow`: the one copy transformers'
+``torch.cat`` would make anyway), so its later decode steps are O(1) too. The values stored are the same as
+``DynamicCache``'s; a plain ``DynamicCache`` (a call without the library's cache) is never touched.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 #: free slots at least, after the used part of a compacted layer's buffer
 MIN_SPARE = 256
@@ -31,6 +35,22 @@ def allocate(entries: torch.Tensor, free: int | None = None) -> tuple[torch.Tens
     buffer = entries.new_empty(b, h, n + free, d)
     buffer[:, :, :n].copy_(entries)
     return buffer[:, :, :n], buffer
+
+
+def grow(layer, key_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Move a filled, uncompacted layer's keys/values into buffers with free slots for ``key_states`` and more
+    (one copy, as the ``torch.cat`` of transformers' update would make); return the buffers, or ``None`` (the
+    layer is left as it is) when it is not a plain ``DynamicLayer`` holding ``(B, H, N, D)`` entries that
+    ``key_states`` continues."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if type(layer) is not DynamicLayer or keys is None or values is None or keys.ndim != 4 or keys.numel() == 0:
+        return None  # sliding-window, quantized or offloaded layers keep transformers' own update
+    if key_states.shape[0] != keys.shape[0] or key_states.dtype != keys.dtype or key_states.device != keys.device:
+        return None
+    used, new = keys.shape[2], key_states.shape[2]
+    layer.keys, kbuf = allocate(keys, max(MIN_SPARE, (used + new) // GROWTH) + new)
+    layer.values, vbuf = allocate(values, kbuf.shape[2] - used)
+    return kbuf, vbuf
 
 
 def _is_view_of(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:

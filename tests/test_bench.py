@@ -640,15 +640,70 @@ def test_decode_step_benchmark_on_the_tiny_preset(tmp_path):
     for row in report["rows"]:
         assert row["host_syncs_per_step"] == 0
         assert len(row["dynamic_steps"]) == 2
-    # keep=1 runs the model's ops only (no mask to translate); the pruned step writes its cache in place: per layer
-    # two slices and two copies instead of transformers' two torch.cat
+    # keep=1 and the pruned cache run the model's ops only (no mask to translate, batch 1) and write their cache in
+    # place: per layer two slices and two copies instead of transformers' two torch.cat
     layers = presets.build_preset_model("tiny").config.get_text_config(decoder=True).num_hidden_layers
-    assert control["ops_per_step"] == base["ops_per_step"]
-    assert pruned["ops_per_step"] == base["ops_per_step"] + 4 * layers and pruned["ops_per_step_cat"] == base["ops_per_step"]
+    for row in (control, pruned):
+        assert row["ops_per_step"] == base["ops_per_step"] + 4 * layers
+        assert row["ops_per_step_cat"] == base["ops_per_step"]
     for row in (control, pruned):
         assert row["compiled_graphs"] == 1  # one graph for every step: no recompile
         assert row["static_eager_step_s"] > 0 and row["static_compiled_step_s"] > 0
     assert "| keep=0.25 |" in stdout.getvalue()
+
+
+def test_paired_decode_benchmark_on_the_tiny_preset(tmp_path):
+    """The interleaved measurement: every configuration steps once per round; ratios are paired per round; the bytes
+    model and the unpruned-length model follow their formulas from the recorded lengths."""
+    from sparse_cache import bench_decode
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert bench_decode.main(["--model", "tiny", "--visual-tokens", "64", "--keep-ratios", "0.5,0.25", "--rounds",
+                                  "3", "--paired-only", "--out-dir", str(tmp_path), "--log-level", "WARNING"]) == 0
+    report = json.loads((tmp_path / "tiny-v64-r3-cpu-float32-paired.json").read_text())
+    rows = {row["config"]: row for row in report["rows"]}
+    assert list(rows) == ["baseline", "keep=1", "keep=0.5", "keep=0.25", "keep=1, short prompt"]
+    base, control, short = rows["baseline"], rows["keep=1"], rows["keep=1, short prompt"]
+    for keep in ("keep=0.5", "keep=0.25"):
+        assert rows[keep]["physical_length"] < rows[keep]["logical_length"] == base["logical_length"]  # it pruned
+    assert control["physical_length"] == control["logical_length"] == base["logical_length"]
+    assert short["prompt_tokens"] < base["prompt_tokens"] and report["settings"]["short_tokens"] == 16  # 64 x 0.25
+    for row in rows.values():
+        assert len(row["steps"]) == 3 + 2  # two warm-up rounds
+        ratios = [t / b for t, b in zip(row["steps"][2:], base["steps"][2:])]
+        assert row["paired_ratio"] == pytest.approx(sorted(ratios)[1])
+        assert row["paired_ratio_q25"] <= row["paired_ratio"] <= row["paired_ratio_q75"]
+        assert row["mean_entries"] == row["physical_length"] + 1 + (3 + 3) / 2
+    w, per = report["settings"]["weight_bytes"], report["settings"]["kv_bytes_per_entry"]
+    assert per == 1024 and w > 0
+    for row in rows.values():
+        expected = (w + per * row["mean_entries"]) / (w + per * base["mean_entries"])
+        assert row["bytes_model_ratio"] == pytest.approx(expected)
+        assert row["measured_vs_bytes_model"] == pytest.approx(row["paired_ratio"] / expected)
+    # the unpruned-length model is the line through the two unpruned controls
+    assert control["measured_vs_length_model"] == pytest.approx(1.0)
+    assert short["measured_vs_length_model"] == pytest.approx(1.0)
+    slope = report["calibration"]["ratio_per_entry"]
+    assert slope == pytest.approx((control["paired_ratio"] - short["paired_ratio"])
+                                  / (control["mean_entries"] - short["mean_entries"]))
+    pruned = rows["keep=0.25"]
+    assert pruned["length_model_ratio"] == pytest.approx(
+        control["paired_ratio"] + slope * (pruned["mean_entries"] - control["mean_entries"]))
+    assert "| keep=1, short prompt |" in stdout.getvalue() and "a KV byte costs" in stdout.getvalue()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "-1"], "rounds: -1 is negative"),
+    (["--rounds", "0", "--paired-only"], "paired-only: needs rounds > 0"),
+    (["--short-tokens", "0"], "short_tokens: 0 is not valid"),
+])
+def test_paired_decode_benchmark_refuses_bad_arguments(argv, message, capsys):
+    from sparse_cache import bench_decode
+
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--model", "tiny", "--visual-tokens", "16", *argv])
+    assert message in capsys.readouterr().err
 
 
 def test_gpu_script_other_parts_run_on_cpu(tmp_path):

@@ -115,7 +115,7 @@ def test_stats_and_self_picking_budgets_add_nothing_to_a_decode_step(sdpa_model,
         assert not any("_local_scalar_dense" in name for name, _ in step), step
     assert [without_views(step) for step in ops_short] == [without_views(step) for step in ops_long]
     assert ops_short
-def update_ops(model, inputs, monkeypatch, steps=4):
+def update_ops(model, inputs, monkeypatch, steps=4, keep_ratio=0.25):
     """The ops of ``PrunableDynamicCache.update`` in each decode step (every layer), and the layers' key addresses."""
     from sparse_cache.cache import PrunableDynamicCache as Cache
 
@@ -133,11 +133,14 @@ def update_ops(model, inputs, monkeypatch, steps=4):
         return out
 
     monkeypatch.setattr(Cache, "update", recorded)
-    cache = PrunableDynamicCache(model, keep_ratio=0.25)
+    cache = PrunableDynamicCache(model, keep_ratio=keep_ratio)
     model.generate(**inputs, past_key_values=cache, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
                    do_sample=False)
     monkeypatch.undo()
-    assert cache.get_physical_length() < cache.get_seq_length()  # it pruned
+    if keep_ratio < 1:
+        assert cache.get_physical_length() < cache.get_seq_length()  # it pruned
+    else:
+        assert cache.get_physical_length() == cache.get_seq_length()  # the control: nothing dropped
     return per_step[1:], addresses[1:], cache
 
 
@@ -155,3 +158,43 @@ def test_a_pruned_decode_step_writes_the_cache_in_place(sdpa_model, processor, m
         assert not any("_local_scalar_dense" in name for name, _ in step), step
     assert all(a == addresses_long[0] for a in addresses_long)  # every layer kept its buffer
     assert all(layer.keys.shape[2] == cache.get_physical_length() for layer in cache.layers)
+
+
+def test_an_uncompacted_cache_decodes_in_place_too(sdpa_model, processor, monkeypatch):
+    """keep_ratio=1.0 (nothing dropped, so no compaction made a buffer): the first decode step moves each layer
+    into a buffer with free slots (the one copy transformers' torch.cat would make), every later step writes one
+    entry in place: no cat, the same ops and sizes whatever the prompt length, the same storage."""
+    short = testing.make_inputs(processor, ["describe."], [[testing.synthetic_image(112, 112, seed=1)]])
+    long = testing.make_inputs(processor, ["describe."], [[testing.synthetic_image(224, 224, seed=1)]])
+    ops_short, addresses_short, _ = update_ops(sdpa_model, short, monkeypatch, keep_ratio=1.0)
+    ops_long, addresses_long, cache = update_ops(sdpa_model, long, monkeypatch, keep_ratio=1.0)
+    # the first decode step (ops_*[0]) makes the buffers; from the second on, only in-place writes
+    assert any(name.startswith("aten.new_empty") for name, _ in ops_long[0])
+    later_short, later_long = ops_short[1:], ops_long[1:]
+    assert later_short and all(step for step in later_short)
+    assert [without_views(step) for step in later_short] == [without_views(step) for step in later_long]
+    assert not any(name.startswith("aten.cat") for step in later_long for name, _ in step)
+    assert all(a == addresses_long[1] for a in addresses_long[1:])  # every layer kept its buffer
+    assert cache._spare and len(cache._spare) == len(cache.layers)
+    assert all(layer.keys.shape[2] == cache.get_seq_length() for layer in cache.layers)
+
+
+def test_a_cache_handed_back_to_transformers_update_stays_exact(sdpa_model, processor):
+    """use_transformers_update() (the decode benchmark's torch.cat column) and the in-place buffers give the same
+    logits at every step; once handed back, no buffer is made again."""
+    inputs = testing.make_inputs(processor, ["describe."], [[testing.synthetic_image(112, 112, seed=1)]])
+    logits = []
+    for hand_back in (False, True):
+        cache = PrunableDynamicCache(sdpa_model, keep_ratio=0.25)
+        out = sdpa_model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        assert cache.get_physical_length() < cache.get_seq_length()  # it pruned
+        if hand_back:
+            cache.use_transformers_update()
+        steps, token = [], out[:, -1:]
+        ids = torch.cat([inputs["input_ids"], token], 1)
+        mask = torch.ones_like(ids)
+        cont = sdpa_model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4,
+                                   min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        logits.append(torch.stack(cont.logits))
+        assert (not cache._spare) == hand_back
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
