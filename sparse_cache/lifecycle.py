@@ -29,7 +29,7 @@ from .distributed import tensor_parallel_of
 from .inprefill import InPrefillMixin, left_packed
 from .prellm import PreLLMMixin
 from .scorers import ScoringContext
-from .select import adaptive_keep_count, select_visual
+from .select import adaptive_keep_count, budget, select_visual
 from .stats import PassTimer, record_pass, timed
 
 logger = logging.getLogger(__name__)
@@ -299,7 +299,19 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
             tensor_parallel=self.tensor_parallel,
         )
 
+    def _keep_limit(self, p: _Pass, context: ScoringContext) -> list[dict[int, int]] | None:
+        """Per row, block -> the most tokens this stage's selection keeps, when a fixed budget decides it."""
+        if self.adaptive_scale is not None or getattr(self, "auto_budget", None) is not None:
+            return None  # the counts depend on the scores (adaptive) or are planned at selection (auto budgets)
+        keep_ratio, keep_tokens = self._stage_budget(p.stage)
+        limits = []
+        for row in range(len(p.visual_positions)):
+            ids, counts = torch.unique_consecutive(p.visual_blocks[row], return_counts=True)
+            limits.append({int(b): budget(int(c), keep_ratio, keep_tokens) for b, c in zip(ids.tolist(), counts.tolist())})
+        return limits
+
     def _score(self, p: _Pass, context: ScoringContext) -> None:
+        context.keep_limit = self._keep_limit(p, context)
         with torch.no_grad(), self.timer.section("scoring"):
             scores = self.scorer.score(context)
         if len(scores) != context.batch_size:

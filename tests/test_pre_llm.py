@@ -20,7 +20,7 @@ from sparse_cache import PrunableDynamicCache, testing
 from sparse_cache._compat import CACHE_KWARG
 from sparse_cache.models import adapter_for
 from sparse_cache.scorers import ScoringContext, get_scorer
-from sparse_cache.select import select_visual
+from sparse_cache.select import budget, select_visual
 
 NEW = 4
 ATOL = 1e-4
@@ -179,13 +179,19 @@ def test_every_embedding_scorer_matches_subset_oracle_and_its_own_selection(fami
     blocks = [block_of[r][is_visual[r]] for r in range(ids.shape[0])]
     context = ScoringContext(inputs_embeds=embeds, token_valid=valid, visual_positions=visual, text_positions=text,
                              visual_blocks=blocks, block_grids=grids, generator=torch.Generator().manual_seed(3))
+    full_scores = get_scorer(scorer).score(context)  # no keep_limit: DivPrune's whole greedy order
+    # as the cache calls it: the most each image can keep (a greedy scorer may stop there)
+    context.keep_limit = [{int(b): budget(int(c), 0.25, None) for b, c in zip(*torch.unique_consecutive(
+        blocks[r], return_counts=True))} for r in range(len(blocks))]
+    context.generator = torch.Generator().manual_seed(3)
     scores = get_scorer(scorer).score(context)
-    for row in range(ids.shape[0]):
-        ids, counts = torch.unique_consecutive(blocks[row], return_counts=True)
-        reference = {int(b): int(c) for b, c in zip(ids, counts)}
-        assert ids.numel() == (2 if row else 1)  # row 1 holds two images: a budget each
-        expected = visual[row][select_visual(scores[row].float(), blocks[row], 0.25, None, reference).sort().values]
-        assert torch.equal(cache.kept_visual_positions[row].cpu(), expected), (row, scorer)
+    for row in range(len(blocks)):
+        block_ids, counts = torch.unique_consecutive(blocks[row], return_counts=True)
+        reference = {int(b): int(c) for b, c in zip(block_ids, counts)}
+        assert block_ids.numel() == (2 if row else 1)  # row 1 holds two images: a budget each
+        for candidate in (scores, full_scores):  # the limited order keeps what the full one does
+            picked = select_visual(candidate[row].float(), blocks[row], 0.25, None, reference)
+            assert torch.equal(cache.kept_visual_positions[row].cpu(), visual[row][picked.sort().values]), (row, scorer)
         assert torch.allclose(cache.visual_scores[row].cpu(), scores[row].float())
 
 

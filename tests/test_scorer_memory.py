@@ -108,6 +108,68 @@ def test_divprune_matches_the_n_by_n_implementation(seed):
     assert torch.equal(max_min_order(points.bfloat16()), reference_max_min_order(points.bfloat16()))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_divprune_stopped_at_the_budget_keeps_the_same_tokens_in_a_fraction_of_the_work(seed):
+    """max_min_order(limit=k): the first k picks are the full order's (so is the next one: the rest follow the next
+    pick's criterion); one matrix-vector product per pick, so k picks instead of n."""
+    gen = torch.Generator().manual_seed(seed)
+    points = torch.randn(300, 16, generator=gen)
+    full = reference_max_min_order(points)
+    for limit in (1, 2, 37, 75, 299, 300, 1000):
+        order = max_min_order(points, limit=limit)
+        picked = min(limit, 300)
+        assert torch.equal(order[:picked], full[:picked]), limit
+        if picked < 300:
+            assert order[picked] == full[picked], limit
+        assert torch.equal(order.sort().values, torch.arange(300)), limit  # a permutation
+    products = {}
+    for limit in (None, 75):
+        with RecordOps() as recorder:
+            max_min_order(points, limit=limit)
+        products[limit] = sum(name == "aten.mv" for name in recorder.names)  # one per pick after the first
+    assert (products[None], products[75]) == (299 + 1, 74 + 1)  # and one for the first pick's distances
+
+
+def test_the_cache_tells_greedy_scorers_how_many_tokens_it_keeps(sdpa_model, processor):
+    """context.keep_limit: the fixed budget of each image (None when the budget depends on the scores or is planned
+    at selection); DivPrune then stops there and keeps what its full order would."""
+    seen = []
+
+    class Spy(type(get_scorer("divprune"))):
+        def score(self, context):
+            seen.append(copy.deepcopy(context.keep_limit))
+            return super().score(context)
+
+    inputs = testing.make_inputs(processor, ["describe.", "count them."],
+                                 [[testing.synthetic_image(112, 112, seed=1)],
+                                  [testing.synthetic_image(56, 56, seed=2), testing.synthetic_image(112, 84, seed=3)]])
+    ids = inputs["input_ids"]
+    kept = {}
+    for budget_kwargs in (dict(keep_ratio=0.25), dict(keep_tokens=5), dict(max_visual_tokens=20)):
+        seen.clear()
+        cache = PrunableDynamicCache(sdpa_model, scorer=Spy(), **budget_kwargs)
+        sdpa_model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        assert_pruned(cache, inputs, (sdpa_model.config.image_token_id, sdpa_model.config.video_token_id))
+        kept[str(budget_kwargs)] = [k.tolist() for k in cache.kept_visual_positions]
+        if "max_visual_tokens" in budget_kwargs:
+            assert seen == [None]  # planned at selection, over the images: the whole order
+            continue
+        counts = [[16], [4, 12]]  # visual tokens of each image, per row
+        expected = [{block: (max(1, math.floor(c * 0.25 + 0.5)) if "keep_ratio" in budget_kwargs else min(c, 5))
+                     for block, c in enumerate(row)} for row in counts]
+        assert [list(row.values()) for row in seen[0]] == [list(row.values()) for row in expected]
+    # the same kept sets as the scorer without a limit (called by hand on the cache's scoring context)
+    for budget_kwargs in (dict(keep_ratio=0.25), dict(keep_tokens=5)):
+        class Full(type(get_scorer("divprune"))):
+            def score(self, context):
+                context.keep_limit = None
+                return super().score(context)
+
+        cache = PrunableDynamicCache(sdpa_model, scorer=Full(), **budget_kwargs)
+        sdpa_model.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        assert [k.tolist() for k in cache.kept_visual_positions] == kept[str(budget_kwargs)]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_cdpruner_matches_the_kernel_implementation(seed):
     gen = torch.Generator().manual_seed(seed)

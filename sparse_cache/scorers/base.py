@@ -44,6 +44,8 @@ class ScoringContext:
             this forward's tokens behind each current slot (``None`` at the first stage).
         tensor_parallel: under a tensor-parallel model, its group (``keys`` then hold this rank's heads only;
             :meth:`attention` gathers every head, :meth:`sum_over_key_heads` sums over all of them).
+        keep_limit: per row, block index -> the most tokens of that block the selection keeps (``None``:
+            unknown; set by the cache for fixed budgets).
     """
 
     inputs_embeds: torch.Tensor
@@ -64,6 +66,11 @@ class ScoringContext:
     extras: dict = field(default_factory=dict)
     original_positions: torch.Tensor | None = None
     tensor_parallel: Any = None  # a sparse_cache.distributed.TensorParallel under a tensor-parallel model
+    #: per row, image/video index -> the most of its tokens this pass's selection can keep (a fixed keep_ratio or
+    #: keep_tokens); ``None`` when the budget depends on the scores or is not known (adaptive, auto budgets, a
+    #: scorer called directly). Scorers that build a greedy order may stop after that many picks: the top
+    #: ``limit`` are then the same as the full order's, the rest rank below them.
+    keep_limit: list[dict[int, int]] | None = None
 
     def sum_over_key_heads(self, partial: torch.Tensor) -> torch.Tensor:
         """A sum over the layer's key heads, from this process's sum over the heads it holds (``keys``)."""
