@@ -38,7 +38,7 @@ from typing import Sequence
 
 import torch
 
-from . import bench, testing
+from . import bench, presets, testing
 from ._compat import CACHE_KWARG
 from .static_cache import row_major
 
@@ -346,7 +346,7 @@ def format_paired_markdown(report: dict) -> str:
     lines = [
         f"### {report['name']}",
         "",
-        f"{s['model']}, batch 1, {s['rounds']} rounds of one greedy step per configuration (interleaved, snake order; "
+        f"{s.get('model_description') or s['model']}, batch 1, {s['rounds']} rounds of one greedy step per configuration (interleaved, snake order; "
         f"two warm-up rounds dropped), {env['device']} {env['dtype']} {env['attn_implementation']}, transformers "
         f"{env['transformers']}, torch {env['torch']}, clock {s['clock']}. Paired ratio: median over rounds of the "
         "step time over the baseline's in the same round (quartiles in brackets). Weights read per step "
@@ -381,7 +381,7 @@ def format_decode_markdown(report: dict) -> str:
     lines = [
         f"### {report['name']}",
         "",
-        f"{s['model']}, {s['sequence_length']} prompt tokens, batch 1, {s['steps']} timed decode steps (median, the "
+        f"{s.get('model_description') or s['model']}, {s['sequence_length']} prompt tokens, batch 1, {s['steps']} timed decode steps (median, the "
         f"first dropped), {env['device']} {env['dtype']} {env['attn_implementation']}, transformers "
         f"{env['transformers']}, torch {env['torch']}, clock {s['clock']}, compile backend {s['compile_backend']}.",
         "",
@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rounds of the interleaved (paired) measurement and its bytes models; 0: skip it")
     parser.add_argument("--short-tokens", type=int, default=None,
                         help="visual tokens of the short-prompt control (default: visual tokens x the smallest keep ratio)")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="override a preset's key/value heads (e.g. = query heads: no grouped-query attention); "
+                             "NOT the published model, recorded in the results")
     parser.add_argument("--paired-only", action="store_true",
                         help="only the interleaved measurement (no per-configuration, static or compiled steps)")
     parser.add_argument("--out-dir", default="bench_results")
@@ -441,6 +444,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("paired-only: needs rounds > 0 (it runs only the interleaved measurement)")
         if args.short_tokens is not None:
             bench._positive_int("short_tokens", args.short_tokens)
+        overrides = {}
+        if args.kv_heads is not None:
+            bench._positive_int("kv_heads", args.kv_heads)
+            if args.model not in presets.PRESETS:
+                raise ValueError(f"kv_heads: overrides a preset's heads; {args.model!r} is not a preset")
+            heads = presets.preset_config(args.model).get_text_config(decoder=True).num_attention_heads
+            if heads % args.kv_heads:
+                raise ValueError(f"kv_heads: {args.kv_heads} does not divide the {heads} query heads of {args.model}")
+            overrides["num_key_value_heads"] = args.kv_heads
         settings = bench.BenchSettings(
             model=args.model, visual_tokens=args.visual_tokens, keep_ratios=bench.parse_keep_ratios(args.keep_ratios),
             device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation, scorer=args.scorer,
@@ -455,9 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     patch, merge = bench.patch_and_merge(bench.model_config(settings.model))
     size = bench.image_size_for_visual_tokens(settings.visual_tokens, patch, merge)
     area = bench._rounded_area(size[0], size[1], patch * merge)
-    model, processor, _ = bench.load_model(
+    model, processor, description = bench.load_model(
         settings.model, settings.device, settings.resolved_dtype(), settings.attn_implementation,
         min(area, testing.TINY_MIN_PIXELS * (patch * merge) ** 2 // 28**2), area, settings.seed,
+        overrides=overrides or None,
     )
     command = "python -m sparse_cache.bench_decode " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     os.makedirs(args.out_dir, exist_ok=True)
@@ -470,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           short_tokens=args.short_tokens), format_paired_markdown))
     for report, formatter in reports:
         report["settings"]["command"] = command
+        report["settings"]["model_description"] = description
+        if overrides:
+            report["settings"]["overrides"] = overrides
+            report["name"] += "-kv" + str(overrides["num_key_value_heads"])
         path = os.path.join(args.out_dir, report["name"] + ".json")
         with open(path, "w") as handle:
             json.dump(report, handle, indent=2, default=bench._json_default)

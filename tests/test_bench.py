@@ -693,10 +693,29 @@ def test_paired_decode_benchmark_on_the_tiny_preset(tmp_path):
     assert "| keep=1, short prompt |" in stdout.getvalue() and "a KV byte costs" in stdout.getvalue()
 
 
+def test_paired_decode_benchmark_with_overridden_kv_heads(tmp_path):
+    from sparse_cache import bench_decode, presets
+
+    heads = presets.preset_config("tiny").get_text_config(decoder=True).num_attention_heads
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert bench_decode.main(["--model", "tiny", "--visual-tokens", "64", "--keep-ratios", "0.25", "--rounds", "1",
+                                  "--paired-only", "--kv-heads", str(heads), "--out-dir", str(tmp_path),
+                                  "--log-level", "WARNING"]) == 0
+    report = json.loads((tmp_path / f"tiny-v64-r1-cpu-float32-paired-kv{heads}.json").read_text())
+    assert report["settings"]["overrides"] == {"num_key_value_heads": heads}
+    assert "OVERRIDDEN, not the published model" in stdout.getvalue()
+    base_per_entry = bench.expected_kv_bytes(presets.build_preset_model("tiny"), 1, 1, torch.float32)
+    kv_heads = presets.preset_config("tiny").get_text_config(decoder=True).num_key_value_heads
+    assert report["settings"]["kv_bytes_per_entry"] == base_per_entry * heads // kv_heads
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "-1"], "rounds: -1 is negative"),
     (["--rounds", "0", "--paired-only"], "paired-only: needs rounds > 0"),
     (["--short-tokens", "0"], "short_tokens: 0 is not valid"),
+    (["--kv-heads", "3"], "kv_heads: 3 does not divide the 4 query heads of tiny"),
+    (["--kv-heads", "0"], "kv_heads: 0 is not valid"),
 ])
 def test_paired_decode_benchmark_refuses_bad_arguments(argv, message, capsys):
     from sparse_cache import bench_decode
