@@ -16,7 +16,9 @@ Per image (or video) of a row, on the decoder input embeddings:
 
 Scores encode the greedy order (first picked = highest), so the top-k per image is the first k picks for
 any budget. Once the kernel is exhausted (its rank is at most the embedding size; tokens with ``r = 0``
-never add volume), the remaining tokens follow by decreasing relevance.
+never add volume), the remaining tokens follow by decreasing relevance. When the cache knows the most tokens
+its budget keeps from an image (``context.keep_limit``), the greedy stops there too: the same kept set, the
+remaining tokens by relevance.
 
 The kernel is never built: ``L = F F^T`` with ``F = diag(r) U`` (``U`` the unit embeddings), and the fast
 greedy MAP update keeps only the ``k x n`` Cholesky rows and the ``n``-vector of residual gains
@@ -122,13 +124,17 @@ class CDPrunerScorer(Scorer):
             text = context.text_positions[row]
             embeds = context.inputs_embeds[row]
             row_scores = torch.zeros(visual.numel(), dtype=torch.float32, device=embeds.device)
+            limits = context.keep_limit[row] if context.keep_limit is not None else None
             for start, end in visual_block_ranges(context, row):
                 block = embeds[visual[start:end].to(embeds.device)]
                 if text.numel():
                     relevance = min_max(question_relevance(block, embeds[text.to(embeds.device)]))
                 else:
                     relevance = torch.ones(end - start, dtype=torch.float32, device=embeds.device)
-                picks = greedy_dpp_order(conditional_features(block, relevance), max_picks=block.shape[-1])
+                max_picks = block.shape[-1]  # the kernel's rank
+                if limits is not None and context.visual_blocks is not None:  # no more than the budget keeps
+                    max_picks = min(max_picks, max(1, limits.get(int(context.visual_blocks[row][start]), max_picks)))
+                picks = greedy_dpp_order(conditional_features(block, relevance), max_picks=max_picks)
                 rest = torch.ones(end - start, dtype=torch.bool, device=embeds.device)
                 rest[picks] = False
                 rest_idx = torch.nonzero(rest, as_tuple=False).flatten()
