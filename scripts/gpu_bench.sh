@@ -24,7 +24,9 @@
 #           (per-step time, aten ops, host syncs; the same cache with transformers' torch.cat update), and the
 #           fixed-shape decode of sparse_cache.static_cache eager and torch.compile'd, pruned and unpruned (keep 1)
 #           (python -m sparse_cache.bench_decode; DECODE_KEEP_RATIOS 1.0,0.25: one compile each; DECODE_STEPS 64,
-#           COMPILE_BACKEND inductor);
+#           COMPILE_BACKEND inductor); then the paired decode steps against the bytes models at PAIRED_KEEP_RATIOS
+#           (1.0,0.5,0.25,0.1), PAIRED_ROUNDS (64) rounds (bench_decode --paired-only; the baseline runs on a copy
+#           of the model, so the weights are held twice);
 #   batch   throughput at BATCHES (1,4,16) with BATCH_TOKENS (4096) visual tokens per row and BATCH_NEW_TOKENS (64)
 #           new tokens, every keep ratio, and the capacity under MEMORY_BUDGET (80GiB: weights + peak), verified by
 #           one run at the predicted batch (sparse-cache-bench --batches ... --memory-budget ...);
@@ -54,6 +56,8 @@ PART_TIME_LIMIT=${PART_TIME_LIMIT:-570}
 DECODE_TOKENS=${DECODE_TOKENS:-16320,576}
 DECODE_STEPS=${DECODE_STEPS:-64}
 DECODE_KEEP_RATIOS=${DECODE_KEEP_RATIOS:-1.0,0.25}
+PAIRED_KEEP_RATIOS=${PAIRED_KEEP_RATIOS:-1.0,0.5,0.25,0.1}
+PAIRED_ROUNDS=${PAIRED_ROUNDS:-64}
 COMPILE_BACKEND=${COMPILE_BACKEND:-inductor}
 BATCHES=${BATCHES:-1,4,16}
 BATCH_TOKENS=${BATCH_TOKENS:-4096}
@@ -104,6 +108,10 @@ if has_part decode; then
     timeout --signal=INT "$PART_TIME_LIMIT" "$PYTHON" -m sparse_cache.bench_decode \
       --model "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --attn "$ATTN" --visual-tokens "$tokens" \
       --keep-ratios "$DECODE_KEEP_RATIOS" --steps "$DECODE_STEPS" --compile-backend "$COMPILE_BACKEND" --out-dir "$RUNS" \
+      --rounds 0 >>"$OUT/summary.md" 2>>"$OUT/log.txt" || status=$?
+    timeout --signal=INT "$PART_TIME_LIMIT" "$PYTHON" -m sparse_cache.bench_decode \
+      --model "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --attn "$ATTN" --visual-tokens "$tokens" \
+      --keep-ratios "$PAIRED_KEEP_RATIOS" --paired-only --rounds "$PAIRED_ROUNDS" --out-dir "$RUNS" \
       >>"$OUT/summary.md" 2>>"$OUT/log.txt" || status=$?
   done
 fi

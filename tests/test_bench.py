@@ -733,17 +733,18 @@ def test_gpu_script_other_parts_run_on_cpu(tmp_path):
         DECODE_STEPS="2", COMPILE_BACKEND="eager", BATCHES="1,2", BATCH_TOKENS="16", BATCH_NEW_TOKENS="2",
         MEMORY_BUDGET="4MiB", NEW_TOKENS="2", REPEATS="1", WARMUP="0", KEEP_RATIOS="1.0,0.5",
         PRELLM_SCORER="random", PYTHON=sys.executable, OUT=str(out), TMPDIR=str(tmp_path),
-        EXTRA_ARGS="--threads 1",
+        EXTRA_ARGS="--threads 1", PAIRED_ROUNDS="2",
     )
     done = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_bench.sh")], env=env, capture_output=True,
                           text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     with tarfile.open(out / "results.tar.gz") as archive:
         names = {os.path.basename(n) for n in archive.getnames() if n not in (".", "./")}
-    assert "tiny-v16-s2-cpu-float32-decode.json" in names
+    assert "tiny-v16-s2-cpu-float32-decode.json" in names and "tiny-v16-r2-cpu-float32-paired.json" in names
     assert {"tiny-v16-b1_2-n2-cpu-float32-batch.json", "tiny-v16-b1_2-n2-cpu-float32-batch_throughput.png"} <= names
     summary = (out / "summary.md").read_text()
     assert "### tiny-v16-s2-cpu-float32-decode" in summary and "Capacity under a budget of" in summary
+    assert "### tiny-v16-r2-cpu-float32-paired" in summary and "| keep=0.1 |" in summary
     from sparse_cache import cache as cache_module
 
     if "pre-llm" in cache_module.MODES:
