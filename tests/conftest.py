@@ -50,6 +50,17 @@ def batch_inputs(processor):
 # --------------------------------------------------------------------------- randomized oracle test options
 
 
+@pytest.fixture(scope="session")
+def multi_inputs(processor):
+    """Left-padded batch: row 0 has two images (48 + 16 visual tokens), row 1 one (16), different prompt lengths."""
+    return testing.make_inputs(
+        processor,
+        ["what colour is the square on the left?", "count."],
+        [[testing.synthetic_image(224, 168, seed=1), testing.synthetic_image(112, 112, seed=3)],
+         [testing.synthetic_image(112, 112, seed=2)]],
+    )
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("sparse_cache randomized oracle test (tests/test_randomized.py, docs/testing.md)")
     group.addoption("--random-cases", type=int, default=None,

@@ -301,6 +301,12 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
 # --------------------------------------------------------------------------- did pruning happen at all?
 
 
+def visual_ids(model) -> tuple[int, ...]:
+    """The model's image (and video, where it has one) placeholder token ids."""
+    ids = (model.config.image_token_id, getattr(model.config, "video_token_id", None))
+    return tuple(i for i in ids if i is not None)
+
+
 def visual_positions(inputs, visual_token_ids) -> list[torch.Tensor]:
     """Per row of ``inputs``, the positions of its (unpadded) visual tokens, ascending."""
     ids = inputs["input_ids"]

@@ -11,7 +11,14 @@ import random
 import numpy as np
 import pytest
 import torch
-from oracles import GREEDY, assert_not_pruned, assert_pruned, in_prefill_reference_logits, masked_decode_logits
+from oracles import (
+    GREEDY,
+    assert_not_pruned,
+    assert_pruned,
+    in_prefill_reference_logits,
+    masked_decode_logits,
+    visual_ids,
+)
 from test_planted_signal import CELL, planted_image, planted_model
 
 from sparse_cache import PrunableDynamicCache, pruning, testing
@@ -19,21 +26,6 @@ from sparse_cache.budget import apportion, coverage_count
 
 NEW = 4
 ATOL = 1e-5
-
-
-def visual_ids(model):
-    return (model.config.image_token_id, model.config.video_token_id)
-
-
-@pytest.fixture(scope="module")
-def multi_inputs(processor):
-    """Left-padded batch: row 0 has two images (48 + 16 visual tokens), row 1 one (16)."""
-    return testing.make_inputs(
-        processor,
-        ["what colour is the square on the left?", "count."],
-        [[testing.synthetic_image(224, 168, seed=1), testing.synthetic_image(112, 112, seed=3)],
-         [testing.synthetic_image(112, 112, seed=2)]],
-    )
 
 
 def image_blocks(inputs, model):

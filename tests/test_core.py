@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from oracles import GREEDY, assert_not_pruned, assert_pruned, eager_rater_scores, masked_decode_logits
+from oracles import GREEDY, assert_not_pruned, assert_pruned, eager_rater_scores, masked_decode_logits, visual_ids
 from transformers import DynamicCache
 
 from sparse_cache import PrunableDynamicCache, testing, uninstall
@@ -14,10 +14,6 @@ from sparse_cache.lifecycle import PruningLifecycle
 
 NEW = 6
 ATOL = 1e-5
-
-
-def visual_ids(model):
-    return (model.config.image_token_id, model.config.video_token_id)
 
 
 def generate(model, inputs, cache=None, new=NEW, **kw):

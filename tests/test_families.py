@@ -20,6 +20,7 @@ from oracles import (
     in_prefill_reference_logits,
     masked_full_cache,
     teacher_forced_logprob,
+    visual_ids,
 )
 
 from sparse_cache import PrunableDynamicCache, testing
@@ -35,11 +36,6 @@ def model_of(family, attn="sdpa"):
     if (family, attn) not in _models:
         _models[family, attn] = testing.tiny_vlm_model(family, seed=0, attn_implementation=attn)
     return _models[family, attn]
-
-
-def visual_ids(model):
-    ids = (model.config.image_token_id, getattr(model.config, "video_token_id", None))
-    return tuple(i for i in ids if i is not None)
 
 
 @pytest.fixture(scope="module")

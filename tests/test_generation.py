@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from oracles import GREEDY, assert_pruned, feed, masked_decode_logits, masked_full_cache, teacher_forced_logprob
+from oracles import (
+    GREEDY,
+    assert_pruned,
+    feed,
+    masked_decode_logits,
+    masked_full_cache,
+    teacher_forced_logprob,
+    visual_ids,
+)
 
 from sparse_cache import PrunableDynamicCache, testing
 
@@ -11,10 +19,6 @@ from sparse_cache import PrunableDynamicCache, testing
 LAYER = 2
 NEW = 5
 ATOL = 1e-5
-
-
-def visual_ids(model):
-    return (model.config.image_token_id, model.config.video_token_id)
 
 
 def assert_close(actual, expected, atol=ATOL):
@@ -268,16 +272,12 @@ def test_half_precision_matches_float32_on_long_sequences(dtype):
     assert overlap >= HALF_MIN_OVERLAP[dtype], f"{dtype}: kept set shares {overlap:.3f} with float32's"
 
 
-def test_new_image_in_a_later_turn_is_scored_in_that_turn(model, processor, single_inputs):
-    """Turn 2 brings a new image: its tokens are scored and pruned in turn 2's prefill (by turn 2's
-    question), turn 1's kept set is left as it was; decoding matches the masked oracle (manual calls with
-    explicit positions: transformers' generate cannot position a new image on a continued cache)."""
+def later_turn_with_a_new_image(model, processor, single_inputs, cache, first, kept_turn1):
+    """Turn 2 brings a new image (16 visual tokens) onto ``cache`` after turn 1 (``first``); manual calls with
+    explicit positions (transformers' generate cannot position a new image on a continued cache). Checks every
+    step's logits against the masked oracle (turn 1's dropped tokens masked from its first decode step, turn 2's
+    after its prefill) and returns turn 2's visual positions."""
     image_id = model.config.image_token_id
-    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
-    first = model.generate(**single_inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
-    assert_pruned(cache, single_inputs, visual_ids(model), kept_counts=[12])
-    dropped_turn1 = cache.get_seq_length() - cache.get_physical_length()
-    kept_turn1 = cache.kept_visual_positions[0].clone()
     image2 = testing.synthetic_image(112, 112, seed=8)
     turn_text = "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>and this one?<|im_end|>\n<|im_start|>assistant\n"
     turn = processor(text=[turn_text], images=[image2], return_tensors="pt")
@@ -305,12 +305,7 @@ def test_new_image_in_a_later_turn_is_scored_in_that_turn(model, processor, sing
             got.append(out.logits[:, -1].float())
     kept = cache.kept_visual_positions[0]
     visual2 = torch.nonzero(full_ids[0] == image_id).flatten()[48:]
-    assert torch.equal(kept[: kept_turn1.numel()], kept_turn1)
-    assert torch.equal(kept[kept_turn1.numel():], kept[torch.isin(kept, visual2)]) and torch.isin(kept, visual2).sum() == 4
-    assert cache.visual_scores[0].numel() == 48 + 16 and torch.isfinite(cache.visual_scores[0]).all()
-    # turn 2's prefill dropped 16 - 4 more entries
-    assert cache.get_seq_length() - cache.get_physical_length() == dropped_turn1 + 12
-    # oracle: full cache; turn 1's dropped tokens masked from its first decode step, turn 2's after its prefill
+    assert visual2.numel() == 16
     full, mask, last_o, _ = masked_full_cache(model, single_inputs, [kept_turn1], visual_ids(model))
     prompt_len = single_inputs["input_ids"].shape[1]
     _, mask, last_o = feed(model, full, mask, last_o, sequences[:, prompt_len:-1])
@@ -327,3 +322,58 @@ def test_new_image_in_a_later_turn_is_scored_in_that_turn(model, processor, sing
     logits, _, _ = feed(model, full, turn_mask, positions[..., -1:], torch.cat(tokens, 1))
     expected += list(logits.unbind(1))
     assert_close(got, expected)
+    return visual2
+
+
+def test_new_image_in_a_later_turn_is_scored_in_that_turn(model, processor, single_inputs):
+    """Turn 2 brings a new image: its tokens are scored and pruned in turn 2's prefill (by turn 2's
+    question), turn 1's kept set is left as it was; decoding matches the masked oracle."""
+    cache = PrunableDynamicCache(model, keep_ratio=0.25, scoring_layer=LAYER)
+    first = model.generate(**single_inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert_pruned(cache, single_inputs, visual_ids(model), kept_counts=[12])
+    dropped_turn1 = cache.get_seq_length() - cache.get_physical_length()
+    kept_turn1 = cache.kept_visual_positions[0].clone()
+    visual2 = later_turn_with_a_new_image(model, processor, single_inputs, cache, first, kept_turn1)
+    kept = cache.kept_visual_positions[0]
+    assert torch.equal(kept[: kept_turn1.numel()], kept_turn1)
+    assert torch.equal(kept[kept_turn1.numel():], kept[torch.isin(kept, visual2)]) and torch.isin(kept, visual2).sum() == 4
+    assert cache.visual_scores[0].numel() == 48 + 16 and torch.isfinite(cache.visual_scores[0]).all()
+    # turn 2's prefill dropped 16 - 4 more entries
+    assert cache.get_seq_length() - cache.get_physical_length() == dropped_turn1 + 12
+
+
+def test_a_kv_byte_budget_counts_earlier_turns_first(model, processor, single_inputs):
+    """max_kv_bytes is per call and pays first for what the cache already holds: turn 1 fits whole under the budget
+    (nothing to prune, the 48 visual tokens kept), turn 2's new image gets what is left (4 of its 16 tokens), the
+    cache then holds exactly the budget, and decoding matches the masked oracle. A budget that cannot hold turn 2's
+    text on top of turn 1 is refused with the minimum."""
+    text = model.config.get_text_config(decoder=True)
+    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    probe = PrunableDynamicCache(model, keep_ratio=1.0)
+    first = model.generate(**single_inputs, past_key_values=probe, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    turn1_entries = first.sequences.shape[1] - 1  # the last answer token is fed with turn 2
+    del probe
+
+    def turn2_tokens():
+        turn_text = "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>and this one?<|im_end|>\n<|im_start|>assistant\n"
+        turn = processor(text=[turn_text], images=[testing.synthetic_image(112, 112, seed=8)], return_tensors="pt")
+        return turn["input_ids"].shape[1]
+
+    turn2_text = 1 + turn2_tokens() - 16  # the fed answer token + turn 2's tokens that are not its image's
+    budget_bytes = (turn1_entries + turn2_text + 4) * per_token
+    cache = PrunableDynamicCache(model, max_kv_bytes=budget_bytes, scoring_layer=LAYER)
+    first = model.generate(**single_inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    assert cache.get_seq_length() == cache.get_physical_length() == turn1_entries  # turn 1 fit: kept whole
+    assert cache.kept_visual_positions[0].numel() == 48
+    kept_turn1 = cache.kept_visual_positions[0].clone()
+    visual2 = later_turn_with_a_new_image(model, processor, single_inputs, cache, first, kept_turn1)
+    kept = cache.kept_visual_positions[0]
+    assert torch.equal(kept[:48], kept_turn1) and int(torch.isin(kept, visual2).sum()) == 4  # it pruned turn 2
+    stats = cache.stats_history[-1]
+    assert stats.kv_bytes_after == budget_bytes  # exactly the budget, right after turn 2's prefill
+    assert cache.get_seq_length() - cache.get_physical_length() == 12
+
+    small = PrunableDynamicCache(model, max_kv_bytes=(turn1_entries + turn2_text) * per_token, scoring_layer=LAYER)
+    first = model.generate(**single_inputs, past_key_values=small, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
+    with pytest.raises(ValueError, match=rf"max_kv_bytes: .*give max_kv_bytes >= {(turn1_entries + turn2_text + 1) * per_token}"):
+        later_turn_with_a_new_image(model, processor, single_inputs, small, first, small.kept_visual_positions[0].clone())

@@ -2,15 +2,11 @@
 
 import pytest
 import torch
-from oracles import GREEDY, assert_not_pruned, assert_pruned, in_prefill_reference_logits
+from oracles import GREEDY, assert_not_pruned, assert_pruned, in_prefill_reference_logits, visual_ids
 
 from sparse_cache import PrunableDynamicCache
 
 NEW = 5
-
-
-def visual_ids(model):
-    return (model.config.image_token_id, model.config.video_token_id)
 
 
 @pytest.mark.parametrize("which", ["single", "batch"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import GREEDY, assert_pruned, feed, full_positions
+from oracles import GREEDY, assert_pruned, feed, full_positions, visual_ids
 from transformers import DynamicCache
 
 from sparse_cache import PrunableDynamicCache, testing
@@ -34,11 +34,6 @@ def model_of(family, attn="sdpa"):
     if (family, attn) not in _models:
         _models[family, attn] = testing.tiny_vlm_model(family, seed=0, attn_implementation=attn)
     return _models[family, attn]
-
-
-def visual_ids(model):
-    ids = (model.config.image_token_id, getattr(model.config, "video_token_id", None))
-    return tuple(i for i in ids if i is not None)
 
 
 def inputs_of(family, kind):

@@ -2,16 +2,12 @@
 
 import pytest
 import torch
-from oracles import GREEDY, in_prefill_reference_logits, masked_decode_logits
+from oracles import GREEDY, in_prefill_reference_logits, masked_decode_logits, visual_ids
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from sparse_cache import PrunableDynamicCache, testing
 
 ATOL = 1e-5
-
-
-def visual_ids(model):
-    return (model.config.image_token_id, model.config.video_token_id)
 
 
 class ForceTokenAt(LogitsProcessor):

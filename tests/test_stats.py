@@ -14,6 +14,7 @@ from oracles import (
     assert_pruned,
     in_prefill_reference_logits,
     masked_decode_logits,
+    visual_ids,
     visual_positions,
 )
 
@@ -23,21 +24,6 @@ from sparse_cache.stats import conversation_totals
 
 NEW = 4
 ATOL = 1e-5
-
-
-def visual_ids(model):
-    return (model.config.image_token_id, model.config.video_token_id)
-
-
-@pytest.fixture(scope="module")
-def multi_inputs(processor):
-    """Left-padded batch: row 0 has two images (48 + 16 visual tokens), row 1 one (16), different prompt lengths."""
-    return testing.make_inputs(
-        processor,
-        ["what colour is the square on the left?", "count."],
-        [[testing.synthetic_image(224, 168, seed=1), testing.synthetic_image(112, 112, seed=3)],
-         [testing.synthetic_image(112, 112, seed=2)]],
-    )
 
 
 def image_runs(inputs, model):
