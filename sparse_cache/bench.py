@@ -782,6 +782,12 @@ def collect_environment(device: torch.device, dtype: torch.dtype, attn_implement
     return env
 
 
+def environment_summary(env: dict) -> str:
+    """``"cpu float32 sdpa, transformers 5.24.0, torch 2.13.0+cpu"``: where a report's numbers come from."""
+    return (f"{env['device']} {env['dtype']} {env['attn_implementation']}, transformers {env['transformers']}, "
+            f"torch {env['torch']}")
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as info:

@@ -260,8 +260,7 @@ def format_batch_markdown(report: dict) -> str:
         f"### {report['name']}",
         "",
         f"{s['model']}, {s['visual_tokens_per_row']} visual tokens per row, batches {s['batches']}, {s['new_tokens']} new "
-        f"tokens, {env['device']} {env['dtype']} {env['attn_implementation']}, transformers {env['transformers']}, "
-        f"{s.get('mode')} mode; medians of {s['repeats']} repeat(s). Ratios against the baseline at the same batch.",
+        f"tokens, {bench.environment_summary(env)}, {s.get('mode')} mode; medians of {s['repeats']} repeat(s). Ratios against the baseline at the same batch.",
         "",
         "| batch | config | kept visual/row | tokens/s (end to end) | decode tokens/s | peak MiB | KV MiB after prefill |",
         "|---:|---|---:|---:|---:|---:|---:|",

@@ -347,8 +347,7 @@ def format_paired_markdown(report: dict) -> str:
         f"### {report['name']}",
         "",
         f"{s.get('model_description') or s['model']}, batch 1, {s['rounds']} rounds of one greedy step per configuration (interleaved, snake order; "
-        f"two warm-up rounds dropped), {env['device']} {env['dtype']} {env['attn_implementation']}, transformers "
-        f"{env['transformers']}, torch {env['torch']}, clock {s['clock']}. Paired ratio: median over rounds of the "
+        f"two warm-up rounds dropped), {bench.environment_summary(env)}, clock {s['clock']}. Paired ratio: median over rounds of the "
         "step time over the baseline's in the same round (quartiles in brackets). Weights read per step "
         f"{s['weight_bytes'] / 2**20:.1f} MiB, KV {s['kv_bytes_per_entry']} bytes per entry.",
         "",
@@ -382,8 +381,8 @@ def format_decode_markdown(report: dict) -> str:
         f"### {report['name']}",
         "",
         f"{s.get('model_description') or s['model']}, {s['sequence_length']} prompt tokens, batch 1, {s['steps']} timed decode steps (median, the "
-        f"first dropped), {env['device']} {env['dtype']} {env['attn_implementation']}, transformers "
-        f"{env['transformers']}, torch {env['torch']}, clock {s['clock']}, compile backend {s['compile_backend']}.",
+        f"first dropped), {bench.environment_summary(env)}, clock {s['clock']}, compile backend "
+        f"{s['compile_backend']}.",
         "",
         "| config | logical / physical entries | dynamic ms/step | aten ops/step (vs baseline) | host syncs/step | "
         "same cache, torch.cat update: ms/step | static eager ms/step | static compiled ms/step | compile s | graphs |",
