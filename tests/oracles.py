@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from sparse_cache import testing
+
 GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
 
 
@@ -299,6 +301,36 @@ def in_prefill_reference_logits(model, inputs, stages, new_tokens, visual_token_
 
 
 # --------------------------------------------------------------------------- did pruning happen at all?
+
+
+_family_models: dict = {}
+_family_inputs: dict = {}
+
+
+def family_model(family: str, attn: str = "sdpa"):
+    """The tiny random-weight model of ``family`` (seed 0), built once per session."""
+    if (family, attn) not in _family_models:
+        _family_models[family, attn] = testing.tiny_vlm_model(family, seed=0, attn_implementation=attn)
+    return _family_models[family, attn]
+
+
+def family_inputs(family: str, kind: str):
+    """Inputs for ``family``'s processor, built once per session. ``batch``: left padding, different images and
+    lengths, two images in the second row; ``single``: one image."""
+    key = (family, kind)
+    if key not in _family_inputs:
+        processor = testing.tiny_family_processor(family)
+        if kind == "batch":
+            _family_inputs[key] = testing.make_inputs(
+                processor,
+                ["what colour is the square on the left?", "compare the two pictures."],
+                [[testing.synthetic_image(224, 168, seed=1)],
+                 [testing.synthetic_image(112, 112, seed=2), testing.synthetic_image(112, 168, seed=3)]],
+            )
+        else:
+            _family_inputs[key] = testing.make_inputs(processor, ["describe the image."],
+                                                      [[testing.synthetic_image(168, 112, seed=4)]])
+    return _family_inputs[key]
 
 
 def visual_ids(model) -> tuple[int, ...]:

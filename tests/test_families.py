@@ -16,6 +16,8 @@ from oracles import (
     GREEDY,
     assert_pruned,
     eager_rater_scores,
+    family_inputs,
+    family_model,
     feed,
     in_prefill_reference_logits,
     masked_full_cache,
@@ -29,37 +31,12 @@ from sparse_cache.models import adapter_for
 NEW = 4
 ATOL = 1e-4
 FAMILIES = testing.ORACLE_FAMILIES
-_models: dict = {}
-
-
-def model_of(family, attn="sdpa"):
-    if (family, attn) not in _models:
-        _models[family, attn] = testing.tiny_vlm_model(family, seed=0, attn_implementation=attn)
-    return _models[family, attn]
+model_of = family_model
 
 
 @pytest.fixture(scope="module")
 def inputs_of():
-    cache = {}
-
-    def make(family, kind):
-        key = (family if family in testing.LLAVA_FAMILIES else "qwen3" if family.startswith("qwen3") else "qwen2", kind)
-        if key not in cache:
-            processor = testing.tiny_family_processor(family)
-            if kind == "batch":  # left padding, different images and lengths, two images in the second row
-                cache[key] = testing.make_inputs(
-                    processor,
-                    ["what colour is the square on the left?", "compare the two pictures."],
-                    [[testing.synthetic_image(224, 168, seed=1)],
-                     [testing.synthetic_image(112, 112, seed=2), testing.synthetic_image(112, 168, seed=3)]],
-                )
-            else:
-                cache[key] = testing.make_inputs(
-                    processor, ["describe the image."], [[testing.synthetic_image(168, 112, seed=4)]]
-                )
-        return cache[key]
-
-    return make
+    return family_inputs
 
 
 def logits_close(got, expected, atol=ATOL):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import GREEDY, assert_pruned, feed, full_positions, visual_ids
+from oracles import GREEDY, assert_pruned, family_inputs, family_model, feed, full_positions, visual_ids
 from transformers import DynamicCache
 
 from sparse_cache import PrunableDynamicCache, testing
@@ -26,32 +26,8 @@ NEW = 4
 ATOL = 1e-4
 FAMILIES = testing.FAMILIES + testing.LLAVA_FAMILIES
 EMBEDDING_SCORERS = ("cosine", "divprune", "cdpruner", "uniform", "random", "dart_embed")
-_models: dict = {}
-_inputs: dict = {}
-
-
-def model_of(family, attn="sdpa"):
-    if (family, attn) not in _models:
-        _models[family, attn] = testing.tiny_vlm_model(family, seed=0, attn_implementation=attn)
-    return _models[family, attn]
-
-
-def inputs_of(family, kind):
-    """``batch``: left padding, different images and lengths, two images in the second row; ``single``: one image."""
-    key = (family, kind)
-    if key not in _inputs:
-        processor = testing.tiny_family_processor(family)
-        if kind == "batch":
-            _inputs[key] = testing.make_inputs(
-                processor,
-                ["what colour is the square on the left?", "compare the two pictures."],
-                [[testing.synthetic_image(224, 168, seed=1)],
-                 [testing.synthetic_image(112, 112, seed=2), testing.synthetic_image(112, 168, seed=3)]],
-            )
-        else:
-            _inputs[key] = testing.make_inputs(processor, ["describe the image."],
-                                               [[testing.synthetic_image(168, 112, seed=4)]])
-    return _inputs[key]
+model_of = family_model
+inputs_of = family_inputs
 
 
 def logits_close(got, expected, atol=ATOL):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from oracles import GREEDY, assert_pruned, masked_decode_logits
+from oracles import GREEDY, assert_pruned, masked_decode_logits, visual_ids
 
 from sparse_cache import PrunableDynamicCache, testing
 from sparse_cache.scorers import SCORERS, ScoringContext, get_scorer
@@ -18,10 +18,6 @@ from sparse_cache.select import select_visual
 NEW = 4
 ATOL = 1e-5
 KEEP_RATIO = 0.25
-
-
-def visual_ids(model):
-    return (model.config.image_token_id, model.config.video_token_id)
 
 
 @pytest.fixture(scope="module")

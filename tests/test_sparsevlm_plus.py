@@ -2,16 +2,12 @@
 
 import pytest
 import torch
-from oracles import GREEDY, assert_pruned, full_positions, masked_decode_logits
+from oracles import GREEDY, assert_pruned, full_positions, masked_decode_logits, visual_ids
 
 from sparse_cache import PrunableDynamicCache
 from sparse_cache.models import adapter_for
 from sparse_cache.scorers.sparsevlm_plus import position_bias
 from sparse_cache.select import adaptive_keep_count
-
-
-def visual_ids(model):
-    return (model.config.image_token_id, model.config.video_token_id)
 
 
 def closed_form_bias(model, positions, query_rows, allowed):

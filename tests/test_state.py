@@ -16,7 +16,7 @@ import weakref
 import pytest
 import torch
 import transformers
-from oracles import GREEDY, feed, masked_full_cache
+from oracles import GREEDY, feed, masked_full_cache, visual_ids
 from transformers import DynamicCache
 
 import sparse_cache
@@ -26,10 +26,6 @@ from sparse_cache._compat import CACHE_KWARG
 NEW = 4
 ATOL = 1e-5
 SPELLINGS = ["past_key_values"] + (["cache"] if CACHE_KWARG == "cache" else [])
-
-
-def visual_ids(model):
-    return (model.config.image_token_id, model.config.video_token_id)
 
 
 def assert_pruned(cache, rows_with_images):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import assert_pruned
+from oracles import assert_pruned, visual_ids
 
 from sparse_cache import PrunableDynamicCache, testing
 from sparse_cache.static_cache import PrunedStaticCache, to_static
@@ -36,11 +36,6 @@ def batch_inputs(family):
         ["what colour is the square on the left?", "count."],
         [[testing.synthetic_image(224, 168, seed=1)], [testing.synthetic_image(112, 112, seed=2)]],
     )
-
-
-def visual_ids(model):
-    ids = (model.config.image_token_id, getattr(model.config, "video_token_id", None))
-    return tuple(i for i in ids if i is not None)
 
 
 def reference(model, inputs, keep_ratio):

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # oracles.py
 
-from oracles import GREEDY, assert_pruned  # noqa: E402
+from oracles import GREEDY, assert_pruned, family_inputs, visual_ids  # noqa: E402
 
 from sparse_cache import PrunableDynamicCache, testing  # noqa: E402
 from sparse_cache.scorers import SCORERS, Scorer  # noqa: E402
@@ -57,29 +57,7 @@ def load(root: str, family: str, ranks: int, tp: bool):
     return model
 
 
-def visual_ids(model):
-    ids = (model.config.image_token_id, getattr(model.config, "video_token_id", None))
-    return tuple(i for i in ids if i is not None)
-
-
-_inputs: dict = {}
-
-
-def inputs_of(family: str, kind: str):
-    key = (family, kind)
-    if key not in _inputs:
-        processor = testing.tiny_family_processor(family)
-        if kind == "batch":  # left padding, different images and lengths, two images in the second row
-            _inputs[key] = testing.make_inputs(
-                processor,
-                ["what colour is the square on the left?", "compare the two pictures."],
-                [[testing.synthetic_image(224, 168, seed=1)],
-                 [testing.synthetic_image(112, 112, seed=2), testing.synthetic_image(112, 168, seed=3)]],
-            )
-        else:
-            _inputs[key] = testing.make_inputs(processor, ["describe the image."],
-                                               [[testing.synthetic_image(168, 112, seed=4)]])
-    return _inputs[key]
+inputs_of = family_inputs
 
 
 class RankNoise(Scorer):
