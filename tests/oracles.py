@@ -333,6 +333,43 @@ def family_inputs(family: str, kind: str):
     return _family_inputs[key]
 
 
+LATER_TURN_TEXT = ("<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>and this one?<|im_end|>\n"
+                   "<|im_start|>assistant\n")
+
+
+def later_turn_with_image(model, processor, first_inputs, sequences, cache, steps: int, image):
+    """A Qwen conversation's turn 2 bringing ``image`` onto ``cache`` after turn 1 (``first_inputs`` answered by
+    ``sequences``), run by hand with explicit M-RoPE positions over the whole conversation (transformers' generate
+    cannot position a new image on a continued cache): the prefill of turn 2, then ``steps - 1`` greedy steps.
+
+    Returns a dict: ``got`` (per step ``(B, vocab)`` float logits), ``tokens`` (the greedy tokens fed after the
+    prefill), ``full_ids``, ``positions`` (``(4, B, L)``: text row + 3 M-RoPE rows), ``fed`` (the slice of the
+    conversation turn 2's prefill feeds: the last answer token and the turn) and ``turn_inputs`` (its model inputs
+    without positions or cache), for an oracle to replay."""
+    turn = processor(text=[LATER_TURN_TEXT], images=[image], return_tensors="pt")
+    prompt_len = first_inputs["input_ids"].shape[1]
+    full_ids = torch.cat([sequences, turn["input_ids"]], 1)
+    types1 = torch.cat([first_inputs["mm_token_type_ids"], torch.zeros_like(sequences[:, prompt_len:])], 1)
+    full_types = torch.cat([types1, turn["mm_token_type_ids"]], 1)
+    grids = torch.cat([first_inputs["image_grid_thw"], turn["image_grid_thw"]])
+    rope, _ = model.model.get_rope_index(full_ids, mm_token_type_ids=full_types, image_grid_thw=grids)
+    positions = torch.cat([rope[:1], rope], 0)  # text row (unused for masks with a cache) + 3 M-RoPE rows
+    fed = slice(sequences.shape[1] - 1, full_ids.shape[1])  # the last answer token was never fed
+    turn_inputs = dict(input_ids=full_ids[:, fed], pixel_values=turn["pixel_values"],
+                       image_grid_thw=turn["image_grid_thw"], mm_token_type_ids=full_types[:, fed])
+    with torch.no_grad():
+        out = model(**turn_inputs, position_ids=positions[..., fed], past_key_values=cache, use_cache=True)
+        got = [out.logits[:, -1].float()]
+        last = positions[..., -1:]
+        tokens = []
+        for _ in range(steps - 1):
+            tokens.append(got[-1].argmax(-1, keepdim=True))
+            last = last + 1
+            out = model(input_ids=tokens[-1], position_ids=last, past_key_values=cache, use_cache=True)
+            got.append(out.logits[:, -1].float())
+    return dict(got=got, tokens=tokens, full_ids=full_ids, positions=positions, fed=fed, turn_inputs=turn_inputs)
+
+
 def visual_ids(model) -> tuple[int, ...]:
     """The model's image (and video, where it has one) placeholder token ids."""
     ids = (model.config.image_token_id, getattr(model.config, "video_token_id", None))

@@ -4,8 +4,10 @@ import pytest
 import torch
 from oracles import (
     GREEDY,
+    LATER_TURN_TEXT,
     assert_pruned,
     feed,
+    later_turn_with_image,
     masked_decode_logits,
     masked_full_cache,
     teacher_forced_logprob,
@@ -272,37 +274,16 @@ def test_half_precision_matches_float32_on_long_sequences(dtype):
     assert overlap >= HALF_MIN_OVERLAP[dtype], f"{dtype}: kept set shares {overlap:.3f} with float32's"
 
 
-def later_turn_with_a_new_image(model, processor, single_inputs, cache, first, kept_turn1):
+def check_later_turn_with_a_new_image(model, processor, single_inputs, cache, first, kept_turn1):
     """Turn 2 brings a new image (16 visual tokens) onto ``cache`` after turn 1 (``first``); manual calls with
     explicit positions (transformers' generate cannot position a new image on a continued cache). Checks every
     step's logits against the masked oracle (turn 1's dropped tokens masked from its first decode step, turn 2's
     after its prefill) and returns turn 2's visual positions."""
     image_id = model.config.image_token_id
-    image2 = testing.synthetic_image(112, 112, seed=8)
-    turn_text = "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>and this one?<|im_end|>\n<|im_start|>assistant\n"
-    turn = processor(text=[turn_text], images=[image2], return_tensors="pt")
     sequences = first.sequences
-    full_ids = torch.cat([sequences, turn["input_ids"]], 1)
-    types1 = torch.cat([single_inputs["mm_token_type_ids"], torch.zeros_like(sequences[:, single_inputs["input_ids"].shape[1]:])], 1)
-    full_types = torch.cat([types1, turn["mm_token_type_ids"]], 1)
-    grids = torch.cat([single_inputs["image_grid_thw"], turn["image_grid_thw"]])
-    rope, _ = model.model.get_rope_index(full_ids, mm_token_type_ids=full_types, image_grid_thw=grids)
-    positions = torch.cat([rope[:1], rope], 0)  # text row (unused for masks with a cache) + 3 M-RoPE rows
-    fed = slice(sequences.shape[1] - 1, full_ids.shape[1])  # the last answer token was never fed
-    with torch.no_grad():
-        out = model(
-            input_ids=full_ids[:, fed], pixel_values=turn["pixel_values"], image_grid_thw=turn["image_grid_thw"],
-            mm_token_type_ids=full_types[:, fed], position_ids=positions[..., fed], past_key_values=cache,
-            use_cache=True,
-        )
-        got = [out.logits[:, -1].float()]
-        last = positions[..., -1:]
-        tokens = []
-        for _ in range(NEW - 1):
-            tokens.append(got[-1].argmax(-1, keepdim=True))
-            last = last + 1
-            out = model(input_ids=tokens[-1], position_ids=last, past_key_values=cache, use_cache=True)
-            got.append(out.logits[:, -1].float())
+    turn = later_turn_with_image(model, processor, single_inputs, sequences, cache, NEW,
+                                 testing.synthetic_image(112, 112, seed=8))
+    got, tokens, full_ids, positions, fed = (turn[k] for k in ("got", "tokens", "full_ids", "positions", "fed"))
     kept = cache.kept_visual_positions[0]
     visual2 = torch.nonzero(full_ids[0] == image_id).flatten()[48:]
     assert visual2.numel() == 16
@@ -311,11 +292,8 @@ def later_turn_with_a_new_image(model, processor, single_inputs, cache, first, k
     _, mask, last_o = feed(model, full, mask, last_o, sequences[:, prompt_len:-1])
     turn_mask = torch.cat([mask, mask.new_ones(1, fed.stop - fed.start)], 1)
     with torch.no_grad():
-        ref = model(
-            input_ids=full_ids[:, fed], pixel_values=turn["pixel_values"], image_grid_thw=turn["image_grid_thw"],
-            mm_token_type_ids=full_types[:, fed], position_ids=positions[..., fed], attention_mask=turn_mask,
-            past_key_values=full, use_cache=True,
-        )
+        ref = model(**turn["turn_inputs"], position_ids=positions[..., fed], attention_mask=turn_mask,
+                    past_key_values=full, use_cache=True)
     expected = [ref.logits[:, -1].float()]
     drop2 = visual2[~torch.isin(visual2, kept)]
     turn_mask[0, drop2] = 0
@@ -333,7 +311,7 @@ def test_new_image_in_a_later_turn_is_scored_in_that_turn(model, processor, sing
     assert_pruned(cache, single_inputs, visual_ids(model), kept_counts=[12])
     dropped_turn1 = cache.get_seq_length() - cache.get_physical_length()
     kept_turn1 = cache.kept_visual_positions[0].clone()
-    visual2 = later_turn_with_a_new_image(model, processor, single_inputs, cache, first, kept_turn1)
+    visual2 = check_later_turn_with_a_new_image(model, processor, single_inputs, cache, first, kept_turn1)
     kept = cache.kept_visual_positions[0]
     assert torch.equal(kept[: kept_turn1.numel()], kept_turn1)
     assert torch.equal(kept[kept_turn1.numel():], kept[torch.isin(kept, visual2)]) and torch.isin(kept, visual2).sum() == 4
@@ -354,19 +332,15 @@ def test_a_kv_byte_budget_counts_earlier_turns_first(model, processor, single_in
     turn1_entries = first.sequences.shape[1] - 1  # the last answer token is fed with turn 2
     del probe
 
-    def turn2_tokens():
-        turn_text = "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>and this one?<|im_end|>\n<|im_start|>assistant\n"
-        turn = processor(text=[turn_text], images=[testing.synthetic_image(112, 112, seed=8)], return_tensors="pt")
-        return turn["input_ids"].shape[1]
-
-    turn2_text = 1 + turn2_tokens() - 16  # the fed answer token + turn 2's tokens that are not its image's
+    turn2 = processor(text=[LATER_TURN_TEXT], images=[testing.synthetic_image(112, 112, seed=8)], return_tensors="pt")
+    turn2_text = 1 + turn2["input_ids"].shape[1] - 16  # the fed answer token + turn 2's tokens that are not its image's
     budget_bytes = (turn1_entries + turn2_text + 4) * per_token
     cache = PrunableDynamicCache(model, max_kv_bytes=budget_bytes, scoring_layer=LAYER)
     first = model.generate(**single_inputs, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert cache.get_seq_length() == cache.get_physical_length() == turn1_entries  # turn 1 fit: kept whole
     assert cache.kept_visual_positions[0].numel() == 48
     kept_turn1 = cache.kept_visual_positions[0].clone()
-    visual2 = later_turn_with_a_new_image(model, processor, single_inputs, cache, first, kept_turn1)
+    visual2 = check_later_turn_with_a_new_image(model, processor, single_inputs, cache, first, kept_turn1)
     kept = cache.kept_visual_positions[0]
     assert torch.equal(kept[:48], kept_turn1) and int(torch.isin(kept, visual2).sum()) == 4  # it pruned turn 2
     stats = cache.stats_history[-1]
@@ -376,4 +350,4 @@ def test_a_kv_byte_budget_counts_earlier_turns_first(model, processor, single_in
     small = PrunableDynamicCache(model, max_kv_bytes=(turn1_entries + turn2_text) * per_token, scoring_layer=LAYER)
     first = model.generate(**single_inputs, past_key_values=small, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     with pytest.raises(ValueError, match=rf"max_kv_bytes: .*give max_kv_bytes >= {(turn1_entries + turn2_text + 1) * per_token}"):
-        later_turn_with_a_new_image(model, processor, single_inputs, small, first, small.kept_visual_positions[0].clone())
+        check_later_turn_with_a_new_image(model, processor, single_inputs, small, first, small.kept_visual_positions[0].clone())

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import GREEDY, assert_pruned, family_inputs, family_model, feed, full_positions, visual_ids
+from oracles import (
+    GREEDY,
+    assert_pruned,
+    family_inputs,
+    family_model,
+    feed,
+    full_positions,
+    later_turn_with_image,
+    visual_ids,
+)
 from transformers import DynamicCache
 
 from sparse_cache import PrunableDynamicCache, testing
@@ -365,30 +374,11 @@ def test_new_image_in_a_later_turn_is_cut_after_the_earlier_entries():
     assert_pruned(cache, inputs, visual_ids(model))
     kept_turn1 = cache.kept_visual_positions[0].clone()
     dropped_turn1 = cache.get_seq_length() - cache.get_physical_length()
-    turn_text = ("<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>and this one?<|im_end|>\n"
-                 "<|im_start|>assistant\n")
-    turn = processor(text=[turn_text], images=[testing.synthetic_image(112, 112, seed=8)], return_tensors="pt")
     sequences = first.sequences
     prompt_len = inputs["input_ids"].shape[1]
-    full_ids = torch.cat([sequences, turn["input_ids"]], 1)
-    types1 = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(sequences[:, prompt_len:])], 1)
-    full_types = torch.cat([types1, turn["mm_token_type_ids"]], 1)
-    grids = torch.cat([inputs["image_grid_thw"], turn["image_grid_thw"]])
-    rope, _ = model.model.get_rope_index(full_ids, mm_token_type_ids=full_types, image_grid_thw=grids)
-    positions = torch.cat([rope[:1], rope], 0)
-    fed = slice(sequences.shape[1] - 1, full_ids.shape[1])  # the last answer token was never fed
-    turn_inputs = dict(input_ids=full_ids[:, fed], pixel_values=turn["pixel_values"],
-                       image_grid_thw=turn["image_grid_thw"], mm_token_type_ids=full_types[:, fed])
-    with torch.no_grad():
-        out = model(**turn_inputs, position_ids=positions[..., fed], past_key_values=cache, use_cache=True)
-        got = [out.logits[:, -1].float()]
-        last = positions[..., -1:]
-        tokens = []
-        for _ in range(NEW - 1):
-            tokens.append(got[-1].argmax(-1, keepdim=True))
-            last = last + 1
-            out = model(input_ids=tokens[-1], position_ids=last, past_key_values=cache, use_cache=True)
-            got.append(out.logits[:, -1].float())
+    turn = later_turn_with_image(model, processor, inputs, sequences, cache, NEW, testing.synthetic_image(112, 112, seed=8))
+    got, tokens, full_ids, positions, fed, turn_inputs = (
+        turn[k] for k in ("got", "tokens", "full_ids", "positions", "fed", "turn_inputs"))
     kept = cache.kept_visual_positions[0]
     visual2 = torch.nonzero(full_ids[0] == image_id).flatten()[int((inputs["input_ids"] == image_id).sum()):]
     kept2 = kept[torch.isin(kept, visual2)]
