@@ -299,7 +299,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
             tensor_parallel=self.tensor_parallel,
         )
 
-    def _keep_limit(self, p: _Pass, context: ScoringContext) -> list[dict[int, int]] | None:
+    def _keep_limit(self, p: _Pass) -> list[dict[int, int]] | None:
         """Per row, block -> the most tokens this stage's selection keeps, when a fixed budget decides it."""
         if self.adaptive_scale is not None or getattr(self, "auto_budget", None) is not None:
             return None  # the counts depend on the scores (adaptive) or are planned at selection (auto budgets)
@@ -311,7 +311,7 @@ class PruningLifecycle(AssistedSplitMixin, InPrefillMixin, PreLLMMixin):
         return limits
 
     def _score(self, p: _Pass, context: ScoringContext) -> None:
-        context.keep_limit = self._keep_limit(p, context)
+        context.keep_limit = self._keep_limit(p)
         with torch.no_grad(), self.timer.section("scoring"):
             scores = self.scorer.score(context)
         if len(scores) != context.batch_size:

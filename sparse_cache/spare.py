@@ -13,8 +13,9 @@ transformers' own update for the rest of the conversation (its buffer is dropped
 ``crop`` slices the view, which stays valid: the next write overwrites the cropped slots, as ``StaticLayer``
 does. A layer that was never compacted (``keep_ratio=1.0``, a text-only prompt, an auto budget that kept
 everything) is moved into a buffer at its first continued write (:func:`grow`: the one copy transformers'
-``torch.cat`` would make anyway), so its later decode steps are O(1) too. The values stored are the same as
-``DynamicCache``'s; a plain ``DynamicCache`` (a call without the library's cache) is never touched.
+``torch.cat`` would make anyway), so its later decode steps are O(1) too; its logits stay bit-identical to
+``DynamicCache``'s (tests/test_core.py). A plain ``DynamicCache`` (a call without the library's cache) is never
+touched.
 """
 
 from __future__ import annotations
@@ -44,12 +45,19 @@ def grow(layer, key_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] |
     ``key_states`` continues."""
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if type(layer) is not DynamicLayer or keys is None or values is None or keys.ndim != 4 or keys.numel() == 0:
-        return None  # sliding-window, quantized or offloaded layers keep transformers' own update
+        return None  # sliding-window or quantized layers keep transformers' own update
     if key_states.shape[0] != keys.shape[0] or key_states.dtype != keys.dtype or key_states.device != keys.device:
         return None
-    used, new = keys.shape[2], key_states.shape[2]
-    layer.keys, kbuf = allocate(keys, max(MIN_SPARE, (used + new) // GROWTH) + new)
-    layer.values, vbuf = allocate(values, kbuf.shape[2] - used)
+    kbuf, vbuf = _regrown(keys, values, key_states.shape[2])
+    layer.keys, layer.values = kbuf[:, :, : keys.shape[2]], vbuf[:, :, : values.shape[2]]
+    return kbuf, vbuf
+
+
+def _regrown(keys: torch.Tensor, values: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers holding ``keys``/``values`` with room for ``new`` entries and the growth policy's free slots."""
+    used = keys.shape[2]
+    _, kbuf = allocate(keys, max(MIN_SPARE, (used + new) // GROWTH) + new)
+    _, vbuf = allocate(values, kbuf.shape[2] - used)
     return kbuf, vbuf
 
 
@@ -75,8 +83,7 @@ def write(layer, buffers: tuple[torch.Tensor, torch.Tensor], key_states: torch.T
         return None
     used, new = keys.shape[2], key_states.shape[2]
     if used + new > kbuf.shape[2]:
-        _, kbuf = allocate(keys, max(MIN_SPARE, (used + new) // GROWTH) + new)
-        _, vbuf = allocate(values, kbuf.shape[2] - used)
+        kbuf, vbuf = _regrown(keys, values, new)
     kbuf[:, :, used : used + new].copy_(key_states)
     vbuf[:, :, used : used + new].copy_(value_states)
     layer.keys = kbuf[:, :, : used + new]

@@ -72,6 +72,13 @@ class ScoringContext:
     #: ``limit`` are then the same as the full order's, the rest rank below them.
     keep_limit: list[dict[int, int]] | None = None
 
+    def block_limit(self, row: int, start: int) -> int | None:
+        """``keep_limit`` of the image or video whose tokens start at index ``start`` of ``row``'s visual tokens
+        (``None`` when unknown)."""
+        if self.keep_limit is None or self.visual_blocks is None:
+            return None
+        return self.keep_limit[row].get(int(self.visual_blocks[row][start]))
+
     def sum_over_key_heads(self, partial: torch.Tensor) -> torch.Tensor:
         """A sum over the layer's key heads, from this process's sum over the heads it holds (``keys``)."""
         if self.tensor_parallel is None:

@@ -124,7 +124,6 @@ class CDPrunerScorer(Scorer):
             text = context.text_positions[row]
             embeds = context.inputs_embeds[row]
             row_scores = torch.zeros(visual.numel(), dtype=torch.float32, device=embeds.device)
-            limits = context.keep_limit[row] if context.keep_limit is not None else None
             for start, end in visual_block_ranges(context, row):
                 block = embeds[visual[start:end].to(embeds.device)]
                 if text.numel():
@@ -132,8 +131,9 @@ class CDPrunerScorer(Scorer):
                 else:
                     relevance = torch.ones(end - start, dtype=torch.float32, device=embeds.device)
                 max_picks = block.shape[-1]  # the kernel's rank
-                if limits is not None and context.visual_blocks is not None:  # no more than the budget keeps
-                    max_picks = min(max_picks, max(1, limits.get(int(context.visual_blocks[row][start]), max_picks)))
+                limit = context.block_limit(row, start)
+                if limit is not None:  # no more picks than the budget keeps
+                    max_picks = min(max_picks, max(1, limit))
                 picks = greedy_dpp_order(conditional_features(block, relevance), max_picks=max_picks)
                 rest = torch.ones(end - start, dtype=torch.bool, device=embeds.device)
                 rest[picks] = False

@@ -132,12 +132,9 @@ class DivPruneScorer(Scorer):
             visual = context.visual_positions[row]
             embeds = context.inputs_embeds[row]
             row_scores = torch.zeros(visual.numel(), dtype=torch.float32, device=embeds.device)
-            limits = context.keep_limit[row] if context.keep_limit is not None else None
             for start, end in visual_block_ranges(context, row):
                 block = embeds[visual[start:end].to(embeds.device)]
-                limit = None
-                if limits is not None and context.visual_blocks is not None:
-                    limit = limits.get(int(context.visual_blocks[row][start]))
-                row_scores[start:end] = order_to_scores(max_min_order(block, limit=limit), end - start)
+                order = max_min_order(block, limit=context.block_limit(row, start))
+                row_scores[start:end] = order_to_scores(order, end - start)
             scores.append(row_scores)
         return scores
